@@ -418,7 +418,8 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     import copy
 
     components = dict(pipe.components)
-    components[pipe.denoiser_name] = copy.deepcopy(unwrap(student)).to(dtype=pipe.dtype)
+    net = copy.deepcopy(unwrap(student))
+    components[pipe.denoiser_name] = net.to(dtype=pipe.dtype) if net.dtype != pipe.dtype else net
     if scheduler is not None:
         components["scheduler"] = scheduler
     type(pipe)(**components).save_pretrained(out_dir, safe_serialization=True)
@@ -618,8 +619,8 @@ def select(cond: dict, idx) -> dict:
 def cat(*conds: dict) -> dict:
     """Concatenate kwargs dicts of the same structure along dim 0 (e.g. to batch cond with uncond)."""
     c0 = conds[0]
-    return {k: cat(*[c[k] for c in conds]) if isinstance(v, dict) else (torch.cat([c[k] for c in conds]) if torch.is_tensor(v) else v)
-            for k, v in c0.items()}
+    join = lambda k, v: cat(*[c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
+    return {k: join(k, v) if isinstance(v, dict) or torch.is_tensor(v) else v for k, v in c0.items()}
 
 
 def latent_shape(pipe, batch: int, resolution: int = 0) -> tuple:

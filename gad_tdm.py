@@ -1,0 +1,476 @@
+"""GAD on TDM: Geometry-Aware Distillation on Trajectory Distribution Matching (PixArt-alpha, 4 steps).
+
+Paper: Huang et al., "Restoring Initial Noise Sensitivity in Text-to-Image Distillation via Geometric
+Alignment", ICML 2026, arXiv 2606.01651. Base: Luo et al., "Learning Few-Step Diffusion Models by
+Trajectory Distribution Matching" (TDM), 2025.
+
+A 4-step student is distilled from PixArt-alpha with TDM: a fake score learns the distribution of the
+student's intermediate ODE points, and the student follows the teacher-minus-fake score difference. GAD adds
+a first-order term: at the same noisy point x_tau the teacher and fake predictions are also taken at
+x_tau + h v, and the student is pushed by the difference of their *responses* (Eq. 9-10), so it inherits
+the teacher's sensitivity to its input instead of only its outputs.
+
+Equation map (GAD paper, METHODS.md section 2 for TDM):
+  TDM student rollout, deterministic DDIM between t = 899, 674, 449, 224  -> sample()
+  TDM re-noising inside a step's interval, mixed noise m, weight w        -> renoise(), importance_weight()
+  TDM fake-score loss (SNR-clipped, importance-weighted x0 regression)   -> tdm_fake_loss()
+  TDM generator loss (Huber to sg(x0 + T_cfg - F), normalised by W)      -> tdm_generator_loss()
+  Eq. 10  Delta(x_tau, v) = f(x_tau + h v) - f(x_tau)                     -> responses()
+  Eq. 9   grad += lambda (Delta_fake - Delta_real) dx_tau/dtheta          -> gad_surrogate()
+  Eq. 7   L = L_TDM + lambda L_GAD                                        -> train(), step 3
+  Table 8 / Table 9 ablations (timestep range, h schedule)                -> gad_mask(), gad_h()
+
+Sign of Eq. 9. We work in x0 space, as TDM does: Delta = Delta x0_hat. Eq. 9's ordering (fake - real) is the
+DMD gradient convention for *scores* s = -eps/sigma (DMD: grad = (s_fake - s_real) dx/dtheta). Since
+x0 = (x - sigma eps)/alpha, a score difference is alpha/sigma^2 times the x0 difference, so in x0 space the
+gradient is (Delta x0_fake - Delta x0_real) dx_tau/dtheta up to a positive factor absorbed into lambda: descent
+moves the student's sample towards the teacher's response and away from the fake's. Read literally with eps,
+the sign would flip (Delta eps = (h v - alpha Delta x0)/sigma); the released code's derivative-space target
+(student + Delta_teacher - Delta_fake) agrees with the x0 reading. tests/test_gad_tdm.py checks the direction.
+
+Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
+size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
+Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into lambda): its signal scales
+with h, so at h = 1e-2 it is nearly inert (a 2D prototype moved nothing with it).
+
+Precision. The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) it is mostly rounding noise
+(METHODS section 0). With --gad-fp32 (default) the forwards that feed a finite difference run in fp32 inputs,
+weights and outputs, with the perturbed and unperturbed inputs batched into the one forward the base loss
+already makes (teacher: 4B = {x, x'} x {cond, uncond}; fake: 2B). Weights are kept in fp32; autocast does the
+rest of the step in bf16.
+
+Deviations (each marked `# DEVIATION:` at its line):
+  - Gradient of GAD reaches theta through x_tau (Eq. 9). The released code instead matches the student's own
+    x0 response, taken between mismatched inputs (x_tau + delta at tau vs x_t at t), Huber-normalised.
+  - v ~ N(0, I) (paper). The released code uses a unit-norm direction: --gad-direction unit.
+  - Finite differences in fp32; the released code casts x_tau + delta to fp16, which loses most of it.
+  - h schedules of Table 9 are not specified beyond "increasing/decreasing linear": we use
+    h(tau) = h (1.5 - tau/1000) (increasing along generation) and h (0.5 + tau/1000); both average to h.
+  - GAD is computed for every sample and masked by --gad-t-range (simpler; no compute saved).
+  - Optimiser: AdamW betas (0, 0.95), wd 1e-2 as the TDM/GAD code runs (App. D says (0.9, 0.999)).
+  - Stock-pipeline export: TCDScheduler(eta=0) with timesteps [899, 674, 449, 224] reproduces the sampler
+    except its last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat (abar_0 = 0.9999) instead of x0.
+
+Commands:
+  GPU:        python gad_tdm.py --steps 2000                              (PixArt-XL-2-512, bf16, batch 64)
+  plain TDM:  python gad_tdm.py --gad-weight 0
+  multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 64      (64 global, 8 per GPU)
+  CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
+  evaluate:   python gad_tdm.py --eval --resume runs/gad_tdm/ckpt.pt [--feature-model openai/clip-vit-base-patch32]
+  overhead:   python gad_tdm.py --model tiny --bench 20 --threads 1
+Expect: samples.png every --sample-every steps (4 prompts x 4 fixed seeds: the same seeds every time, so noise
+sensitivity is visible), curves.png, metrics.jsonl, ckpt.pt, and at the end pipeline/ (PixArtAlphaPipeline).
+Reload with:
+  pipe = DiffusionPipeline.from_pretrained("runs/gad_tdm/pipeline")
+  pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0)
+"""
+import copy
+import dataclasses
+import os
+import time
+from typing import Literal
+
+import torch
+
+import common
+
+
+@dataclasses.dataclass
+class Args:
+    # GAD (GAD paper Sec. 4.2, Table 11 PixArt column, Tables 8-9)
+    gad_weight: float = 1.0  # lambda of Eq. 7 (Table 11); 0 = plain TDM
+    gad_h: float = 1e-2  # perturbation scale h (Table 11)
+    gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 9-10 as printed
+    gad_jvp: Literal["fd", "exact"] = "fd"  # finite difference (Eq. 10) or exact forward-mode JVP
+    gad_t_range: Literal["all", "high", "mid", "low"] = "all"  # Table 8: all, tau > 600, 200-600, < 200
+    gad_h_schedule: Literal["fixed", "increasing", "decreasing"] = "fixed"  # Table 9: h(tau)
+    gad_direction: Literal["gaussian", "unit"] = "gaussian"  # v ~ N(0, I) (paper) or unit norm (released code)
+    gad_fp32: bool = True  # run the finite-difference forwards in fp32 (METHODS section 0)
+    # TDM (METHODS.md section 2, as the public TDM code runs it)
+    timesteps: tuple[int, ...] = (899, 674, 449, 224)  # student steps, deterministic DDIM between them
+    cfg: float = 4.5  # teacher guidance in the generator update
+    huber_c: float = 1e-3  # pseudo-Huber constant of the generator loss
+    snr_clip: float = 5.0  # min(SNR(tau), 5) weight of the fake-score loss
+    lr: float = 4e-6  # student learning rate (Table 11)
+    lr_fake: float = 2e-5  # fake-score learning rate (TDM code: 5x the student's)
+    betas: tuple[float, ...] = (0.0, 0.95)  # AdamW betas (TDM code)
+    weight_decay: float = 1e-2  # AdamW weight decay (TDM code)
+    grad_clip: float = 1.0  # gradient-norm clip of the student
+    # run
+    model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, or 'tiny'
+    steps: int = 2000  # training iterations (Table 11)
+    batch_size: int = 64  # global batch (Table 11), split across ranks
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    prompts: str = ""  # text file, one prompt per line ('' = built-in list)
+    out: str = "runs/gad_tdm"  # output directory
+    seed: int = 0  # global seed (offset by rank)
+    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    sample_every: int = 100  # sample grid + curves every N steps
+    ckpt_every: int = 250  # checkpoint every N steps
+    eval: bool = False  # evaluate a checkpoint (geometry + diversity) instead of training
+    eval_teacher_steps: int = 20  # teacher DDIM steps (CFG = --cfg) for the geometry metrics
+    eval_seeds: int = 4  # seeds per prompt for the diversity metric
+    feature_model: str = ""  # transformers vision model for diversity features ('' = raw latents)
+    bench: int = 0  # > 0: time N interleaved TDM / TDM+GAD steps and print the ratios, then exit
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads (0 = torch default)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule helpers (fp32). DDPM: x_t = alpha_t x0 + sigma_t eps, alpha = sqrt(abar), sigma = sqrt(1 - abar).
+
+
+def alpha_sigma(abar: torch.Tensor, t: torch.Tensor):
+    a = abar[t.long()].float().view(-1, 1, 1, 1)
+    return a.sqrt(), (1 - a).sqrt()
+
+
+def predict(net, x, t, cond, abar):
+    """(eps, x0) of an eps-prediction PixArt net; the first 4 of its 8 output channels (learned sigma)."""
+    eps = net(x, timestep=t, **cond, return_dict=False)[0][:, : x.shape[1]].float()
+    alpha, sigma = alpha_sigma(abar, t)
+    return eps, (x.float() - sigma * eps) / alpha
+
+
+def teacher_x0(teacher, x, t, cond, uncond, w, abar):
+    """Teacher x0 with CFG w: cond and uncond batched in one forward. Also returns (x0_cond, x0_uncond)."""
+    _, x0 = predict(teacher, torch.cat([x, x]), torch.cat([t, t]), common.cat(cond, uncond), abar)
+    x0_c, x0_u = x0.chunk(2)
+    return x0_u + w * (x0_c - x0_u), x0_c, x0_u
+
+
+# ----------------------------------------------------------------------------------------------
+# TDM (METHODS.md section 2)
+
+
+def renoise(x_mid, t_mid, tau, noise, abar):
+    """Diffuse the student's ODE point x_mid (at t_mid) forward to tau > t_mid:
+    x_tau = (alpha_tau/alpha_mid) x_mid + beta noise, beta = sqrt(sigma_tau^2 - (alpha_tau sigma_mid/alpha_mid)^2)."""
+    a_m, s_m = alpha_sigma(abar, t_mid)
+    a_t, s_t = alpha_sigma(abar, tau)
+    beta = (s_t**2 - (a_t * s_m / a_m) ** 2).clamp_min(0).sqrt()
+    return a_t / a_m * x_mid + beta * noise
+
+
+def mixed_noise(eps_hat, t_mid, tau, noise, abar):
+    """The effective noise m of x_tau = alpha_tau x0_hat + sigma_tau m: ((a_tau/a_mid) s_mid eps_hat + beta noise)/s_tau."""
+    a_m, s_m = alpha_sigma(abar, t_mid)
+    a_t, s_t = alpha_sigma(abar, tau)
+    beta = (s_t**2 - (a_t * s_m / a_m) ** 2).clamp_min(0).sqrt()
+    return (a_t / a_m * s_m * eps_hat + beta * noise) / s_t
+
+
+def importance_weight(m, noise):
+    """w = exp(-mean(m^2)/2) / exp(-mean(noise^2)/2), per sample."""
+    return torch.exp(-0.5 * m.pow(2).flatten(1).mean(1) + 0.5 * noise.pow(2).flatten(1).mean(1))
+
+
+def tdm_fake_loss(x0_fake, x0_student, tau, w, abar, snr_clip):
+    """mean_b [ mean ||F_x0(x_tau, tau) - x0_hat||^2 * min(SNR(tau), clip) * w ] in fp32."""
+    a, s = alpha_sigma(abar, tau)
+    snr = (a / s).pow(2).flatten().clamp(max=snr_clip)
+    return ((x0_fake.float() - x0_student.float()).pow(2).flatten(1).mean(1) * snr * w).mean()
+
+
+def tdm_generator_loss(x0, x0_real_cfg, x0_fake, huber_c):
+    """Pseudo-Huber(x0 - sg(x0 + T_cfg - F)) / W with W = mean|x0 - T_cfg| per sample, in fp32.
+    (x0 + (T_c - F) + (w - 1)(T_c - T_u) of the TDM code is the same target: T_cfg = T_u + w (T_c - T_u).)"""
+    x0 = x0.float()
+    target = (x0 + x0_real_cfg - x0_fake).detach()
+    W = (x0 - x0_real_cfg).abs().mean((1, 2, 3), keepdim=True).detach()
+    return ((torch.sqrt((x0 - target).pow(2) + huber_c**2) - huber_c) / W).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# GAD (Eq. 9-10, score-based form)
+
+
+def gad_h(tau, h, schedule):
+    """h(tau), Table 9. 'increasing' grows along generation (small h at high noise), 'decreasing' the reverse."""
+    t = tau.float().view(-1, 1, 1, 1) / 1000
+    return {"fixed": h + 0 * t, "increasing": h * (1.5 - t), "decreasing": h * (0.5 + t)}[schedule]
+
+
+def gad_mask(tau, t_range):
+    """Table 8: apply GAD only to samples whose tau lies in the range."""
+    lo, hi = {"all": (0, 1000), "high": (601, 1000), "mid": (200, 600), "low": (0, 199)}[t_range]
+    return ((tau >= lo) & (tau <= hi)).float().view(-1, 1, 1, 1)
+
+
+def direction(shape, kind, device):
+    v = torch.randn(shape, device=device)
+    return v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1) if kind == "unit" else v
+
+
+def responses(f, x, v, h, mode):
+    """f(x) and Eq. 10's Delta = f(x + h v) - f(x), both in fp32. 'fd': x and x + h v batched in one call of f;
+    'exact': Delta = h * J_f(x) v by forward-mode AD (math attention kernel)."""
+    x, v = x.float(), v.float()
+    if mode == "fd":
+        base, pert = f(torch.cat([x, x + h * v]), n=2).float().chunk(2)
+        return base, pert - base
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        base, jv = torch.func.jvp(lambda y: f(y, n=1).float(), (x,), (v,))
+    return base, h * jv
+
+
+def gad_surrogate(x_tau, d_fake, d_real, h, form, mask):
+    """Eq. 9 as a surrogate: its gradient w.r.t. x_tau is (Delta_fake - Delta_real)[/h] * mask / numel.
+    Returns (surrogate, mismatch) where mismatch = mean ||Delta_fake - Delta_real||^2 (what GAD drives down)."""
+    g = (d_fake - d_real) / (h if form == "jvp" else 1.0)
+    return (g.detach() * mask * x_tau.float()).mean(), (g.pow(2) * mask).mean().detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+
+
+@torch.no_grad()
+def sample(student, z, cond, timesteps, abar, return_states=False):
+    """The 4-step student: x_{t_0} = z; x0 = S(x_t, t); DDIM to the next t; the last step returns x0."""
+    x, states = z, []
+    for k, t in enumerate(timesteps):
+        states.append(x)
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        eps, x0 = predict(student, x, tt, cond, abar)
+        if k + 1 < len(timesteps):
+            a, s = alpha_sigma(abar, torch.full_like(tt, timesteps[k + 1]))
+            x = (a * x0 + s * eps).to(z.dtype)
+    return (x0, states) if return_states else x0
+
+
+def teacher_sample(teacher, z, cond, uncond, w, steps, abar):
+    """The teacher's deterministic DDIM map z -> x0 with CFG w over `steps` steps from t = 999 (no grad inside
+    callers that need JVPs: they wrap it themselves)."""
+    ts = torch.linspace(999, 0, steps + 1).round().long().tolist()
+    x = z
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        tt = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        x0, _, _ = teacher_x0(teacher, x, tt, cond, uncond, w, abar)
+        a, s = alpha_sigma(abar, tt)
+        eps = (x.float() - a * x0) / s
+        a2, s2 = alpha_sigma(abar, torch.full_like(tt, t_next))
+        x = a2 * x0 + s2 * eps if t_next > 0 else x0
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train(args: Args) -> dict:
+    # setup: distributed, device, precision, seeding
+    dist = common.init_distributed(args.device)
+    device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
+    common.set_cpu_threads(args.threads)
+    common.seed_everything(args.seed, dist.rank)
+    if args.batch_size % dist.world_size or args.gad_h <= 0 or len(args.timesteps) < 1:
+        raise ValueError("need batch_size divisible by world size, gad_h > 0 and at least one timestep")
+    B = args.batch_size // dist.world_size
+
+    # models: frozen teacher, trainable student and fake score, both initialised from the teacher
+    pipe = common.load_pipeline("pixart", args.model, torch.float32)
+    for frozen in (pipe.text_encoder, pipe.vae):  # frozen parts in the compute dtype
+        frozen.to(device) if dtype == torch.float32 else frozen.to(device, dtype)
+    teacher = pipe.transformer.to(device)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
+    prompts = common.read_prompts(args.prompts)
+    encode = lambda ps: common.encode(pipe, "pixart", ps, device)
+    null = common.select(encode([""])[0], torch.zeros(B, dtype=torch.long, device=device))
+    opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
+    scaler = common.make_scaler(device, dtype)
+    models, optims = {"student": student, "fake": fake}, {"opt_g": opt_g, "opt_f": opt_f}
+    start, path = 0, common.resolve_resume(args.resume, args.out)
+    if path:
+        start = common.load_checkpoint(path, models, optims, scaler)["step"]
+        common.print0(f"resumed from {path} at step {start}")
+    if args.eval:
+        return evaluate(args, pipe, teacher, student, abar, prompts, device)
+    student_ddp, fake_ddp = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
+    T = torch.tensor(list(args.timesteps) + [0], device=device)  # t_0 > ... > t_{K-1} > 0
+    K = len(args.timesteps)
+    ac = lambda: common.autocast(device, dtype)
+    fp32 = lambda: torch.autocast(device.type, enabled=False) if args.gad_fp32 else ac()
+
+    def draw_step():
+        """Pick a student step k per sample, its t_g, next ODE time t_mid and tau ~ U[max(20, t_mid), t_g - 10)."""
+        k = torch.randint(0, K, (B,), device=device)
+        t_g, t_mid = T[k], T[k + 1]
+        lo = t_mid.clamp(min=20)
+        tau = lo + (torch.rand(B, device=device) * (t_g - 10 - lo)).long()
+        return k, t_g, t_mid, tau
+
+    def step_fn(step, use_gad):
+        idx = torch.randint(0, len(prompts), (B,))
+        cond = encode([prompts[i] for i in idx])[0]
+        z = torch.randn(common.latent_shape(pipe, B), device=device)
+        # 1. roll the student out without grad, keeping x at each of its timesteps
+        with ac():
+            _, states = sample(common.unwrap(student), z, cond, args.timesteps, abar, return_states=True)
+        states = torch.stack(states)  # (K, B, C, H, W)
+        pick = lambda k: states[k, torch.arange(B, device=device)]
+
+        # 2. fake-score update on the student's next ODE point, re-noised inside its own interval
+        k, t_g, t_mid, tau = draw_step()
+        noise = torch.randn_like(z)
+        with torch.no_grad(), ac():
+            eps_s, x0_s = predict(student, pick(k), t_g, cond, abar)
+        a_m, s_m = alpha_sigma(abar, t_mid)
+        x_tau = renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)
+        w = importance_weight(mixed_noise(eps_s, t_mid, tau, noise, abar), noise)
+        with ac():
+            _, x0_f = predict(fake_ddp, x_tau, tau, cond, abar)
+        loss_fake = tdm_fake_loss(x0_f, x0_s, tau, w, abar, args.snr_clip)
+        opt_f.zero_grad(set_to_none=True)
+        (scaler.scale(loss_fake) if scaler else loss_fake).backward()
+        scaler.step(opt_f) if scaler else opt_f.step()
+
+        # 3. generator update: grad through x0_hat = S(x_{t_g}, t_g); teacher and fake at x_tau without grad
+        k, t_g, t_mid, tau = draw_step()
+        noise = torch.randn_like(z)
+        with ac():
+            eps_s, x0_s = predict(student_ddp, pick(k), t_g, cond, abar)
+        a_m, s_m = alpha_sigma(abar, t_mid)
+        x_tau = renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)  # carries grad: dx_tau/dtheta (Eq. 9)
+        xt = x_tau.detach()
+        f_T = lambda x, n: teacher_x0(teacher, x, tau.repeat(n), common.cat(*[cond] * n), common.cat(*[null] * n),
+                                      args.cfg, abar)[0]
+        f_F = lambda x, n: predict(common.unwrap(fake), x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
+        gad, mismatch = torch.zeros((), device=device), torch.zeros((), device=device)
+        with torch.no_grad():
+            if use_gad:  # Eq. 10: perturbed and unperturbed inputs share one forward per network, in fp32
+                h = gad_h(tau, args.gad_h, args.gad_h_schedule)
+                v = direction(xt.shape, args.gad_direction, device)  # DEVIATION: --gad-direction unit = released
+                with fp32():
+                    T_cfg, dT = responses(f_T, xt, v, h, args.gad_jvp)
+                    F_x0, dF = responses(f_F, xt, v, h, args.gad_jvp)
+            else:
+                with ac():
+                    T_cfg, F_x0 = f_T(xt, 1), f_F(xt, 1)
+        with ac():
+            loss_tdm = tdm_generator_loss(x0_s, T_cfg, F_x0, args.huber_c)
+            if use_gad:  # Eq. 9 with Eq. 7's lambda; gradient reaches theta through x_tau
+                gad, mismatch = gad_surrogate(x_tau, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
+            loss_g = loss_tdm + args.gad_weight * gad
+        common.check_finite(step, loss_fake=loss_fake, loss_tdm=loss_tdm, gad=gad)
+        opt_g.zero_grad(set_to_none=True)
+        (scaler.scale(loss_g) if scaler else loss_g).backward()
+        if scaler:
+            scaler.unscale_(opt_g)
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        scaler.step(opt_g) if scaler else opt_g.step()
+        if scaler:
+            scaler.update()
+        return {"loss_fake": loss_fake.item(), "loss_tdm": loss_tdm.item(), "gad_mismatch": mismatch.item(),
+                "grad_norm": gnorm.item()}
+
+    if args.bench:
+        return bench(args, step_fn, device)
+    # fixed grid: first 4 prompts x 4 fixed seeds, the same every time
+    grid_prompts = (prompts * 4)[:4]
+    grid_cond = common.select(encode(grid_prompts)[0], torch.arange(4).repeat_interleave(4))
+    grid_z = torch.cat([torch.randn(common.latent_shape(pipe, 1), generator=torch.Generator().manual_seed(s))
+                        for _ in range(4) for s in range(4)]).to(device)
+    os.makedirs(args.out, exist_ok=True)
+    if dist.is_main and start == 0:
+        with torch.no_grad(), ac():
+            x0 = teacher_sample(teacher, grid_z, grid_cond, common.select(null, torch.zeros(16, dtype=torch.long)),
+                                args.cfg, args.eval_teacher_steps, abar)
+        common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "teacher.png"), nrow=4)
+
+    log = common.Logger(args.out, args.steps, start, dist.is_main)
+    metrics, use_gad = {}, args.gad_weight > 0
+    for step in range(start + 1, args.steps + 1):
+        metrics = step_fn(step, use_gad)
+        log.log(step, **metrics)
+        log.update()
+        last = step == args.steps
+        if dist.is_main and (step % args.sample_every == 0 or last):
+            with ac():
+                x0 = sample(common.unwrap(student), grid_z, grid_cond, args.timesteps, abar)
+            common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "samples.png"), nrow=4)
+            common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
+        if dist.is_main and (step % args.ckpt_every == 0 or last):
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler)
+        common.barrier()
+    log.close()
+    if dist.is_main:
+        from diffusers import TCDScheduler
+
+        # DEVIATION: the stock TCD last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat, not x0
+        sched = TCDScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+        common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"), scheduler=sched)
+    common.cleanup()
+    return metrics
+
+
+def bench(args, step_fn, device):
+    """Interleave TDM and TDM+GAD steps on the same models; medians of step time (and of per-step peak CUDA
+    memory on GPU). The first two steps of each are warm-up."""
+    times, mems = {False: [], True: []}, {False: [], True: []}
+    for i in range(2 * (args.bench + 2)):
+        use_gad = i % 2 == 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step_fn(i, use_gad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mems[use_gad].append(torch.cuda.max_memory_allocated())
+        times[use_gad].append(time.perf_counter() - t0)
+    med = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]
+    out = {"step_time_base": med(times[False]), "step_time_gad": med(times[True])}
+    out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
+    if mems[True]:
+        out["mem_ratio"] = med(mems[True]) / med(mems[False])
+    common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out
+
+
+def evaluate(args, pipe, teacher, student, abar, prompts, device) -> dict:
+    """Geometry metrics (common.geometry_metrics, exact JVPs in fp32) of the student's 4-step map z -> x0 against
+    the teacher's --eval-teacher-steps DDIM map with CFG, on fixed prompts and directions; and the diversity
+    metric (DP-DMD Eq. 9) over --eval-seeds seeds per prompt."""
+    P = min(4, len(prompts))
+    cond, null = common.encode(pipe, "pixart", prompts[:P], device)
+    g = torch.Generator().manual_seed(1234)
+    z = torch.randn(common.latent_shape(pipe, P), generator=g).to(device)
+    phi_s = lambda x: sample(student, x, cond, args.timesteps, abar)
+    phi_t = lambda x: teacher_sample(teacher, x, cond, null, args.cfg, args.eval_teacher_steps, abar)
+    with torch.no_grad():
+        x_s, x_t = phi_s(z), phi_t(z)
+    out = common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)
+    out["pointwise_mse"] = (x_s - x_t).pow(2).mean().item()
+    N = args.eval_seeds
+    zs = torch.randn(common.latent_shape(pipe, P * N), generator=g).to(device)
+    with torch.no_grad():
+        x = sample(student, zs, common.select(cond, torch.arange(P).repeat_interleave(N)), args.timesteps, abar)
+        out["diversity"] = common.diversity(features(args, pipe, x, device).view(P, N, -1))
+    common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out
+
+
+@torch.no_grad()
+def features(args, pipe, latents, device):
+    """Raw latents, or the pooled image embedding of --feature-model (e.g. a CLIP or DINO checkpoint)."""
+    if not args.feature_model:
+        return latents.flatten(1)
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(args.feature_model).to(device).eval()
+    proc = AutoImageProcessor.from_pretrained(args.feature_model)
+    images = ((common.decode(pipe, latents) + 1) / 2).clamp(0, 1)
+    inputs = proc(images=list(images.cpu()), return_tensors="pt", do_rescale=False).to(device)
+    if hasattr(model, "get_image_features"):
+        return model.get_image_features(**inputs)
+    return model(**inputs).pooler_output
+
+
+if __name__ == "__main__":
+    train(common.parse(Args))

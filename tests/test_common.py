@@ -1,0 +1,176 @@
+"""Unit tests of common.py: CLI, checkpoints and exact resume, tiny families, export, fail-fast loading, metrics."""
+import dataclasses
+import math
+import os
+import time
+from typing import Literal
+
+import pytest
+import torch
+
+import common
+
+
+@dataclasses.dataclass
+class _Args:
+    lr: float = 1e-3  # learning rate
+    steps: int = 10  # number of steps
+    use_ema: bool = False  # keep an EMA copy
+    mode: Literal["fd", "exact"] = "fd"  # how to take the JVP
+    timesteps: tuple[int, ...] = (899, 674)  # student timesteps
+    name: str = ""  # a free string
+
+
+def test_parse_types_bools_choices_tuples_and_help():
+    a = common.parse(_Args, ["--lr", "2e-4", "--use-ema", "--mode", "exact", "--timesteps", "3", "2", "1"])
+    assert a == _Args(lr=2e-4, steps=10, use_ema=True, mode="exact", timesteps=(3, 2, 1), name="")
+    assert common.parse(_Args, []) == _Args()
+    assert common.parse(_Args, ["--use-ema", "--no-use-ema"]).use_ema is False
+    with pytest.raises(SystemExit):
+        common.parse(_Args, ["--mode", "bogus"])
+    helptext = common.build_parser(_Args).format_help()
+    assert "learning rate" in helptext and "how to take the JVP" in helptext and "student timesteps" in helptext
+
+
+def _toy_run(out, steps, resume=""):
+    """A miniature training loop in the shape the method files use: all randomness from the global RNG."""
+    common.seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.0, 0.95))
+    start, losses = 0, []
+    path = common.resolve_resume(resume, out)
+    if path:
+        start = common.load_checkpoint(path, {"m": model}, {"opt": opt})["step"]
+    for step in range(start + 1, steps + 1):
+        x = torch.randn(16, 3)
+        loss = (model(x) - x.sum(1, keepdim=True).sin()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 3 == 0:
+            common.save_checkpoint(os.path.join(out, "ckpt.pt"), {"m": model}, {"opt": opt}, step, _Args())
+    return model, losses
+
+
+def test_checkpoint_atomic_and_resume_is_exact(tmp_path):
+    full, full_losses = _toy_run(str(tmp_path / "a"), 9)
+    _toy_run(str(tmp_path / "b"), 6)  # stopped after step 6 (checkpoint at 6)
+    assert os.path.exists(tmp_path / "b" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt.tmp")
+    resumed, resumed_losses = _toy_run(str(tmp_path / "b"), 9, resume="latest")
+    assert resumed_losses == full_losses[6:]
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    assert common.resolve_resume("latest", str(tmp_path / "empty")) is None
+    with pytest.raises(FileNotFoundError):
+        common.resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path))
+
+
+def test_logger_forgets_rows_after_resumed_step_and_plots(tmp_path):
+    log = common.Logger(str(tmp_path), total=4, enabled=True)
+    for s in range(1, 5):
+        log.log(s, loss=1.0 / s, other=s)
+    log.close()
+    common.Logger(str(tmp_path), total=4, start=2, enabled=True).close()
+    assert [r["step"] for r in common.Logger.read(str(tmp_path / "metrics.jsonl"))] == [1, 2]
+    common.plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "curves.png"))
+    common.save_grid(torch.rand(6, 3, 8, 8) * 2 - 1, str(tmp_path / "grid.png"), nrow=3)
+    assert os.path.getsize(tmp_path / "curves.png") > 1000 and os.path.getsize(tmp_path / "grid.png") > 1000
+
+
+@pytest.mark.parametrize("family", sorted(common.TINY))
+def test_tiny_family_builds_encodes_and_runs_forward(family):
+    pipe = common.load_pipeline(family, "tiny")
+    cond, uncond = common.encode(pipe, family, ["a red fox", "a blue car"], "cpu")
+    net = getattr(pipe, pipe.denoiser_name)
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    x = torch.randn(common.latent_shape(pipe, 2))
+    both = common.cat(cond, uncond)
+    out = net(torch.cat([x, x]), timestep=torch.full((4,), 500.0), **both, return_dict=False)[0]
+    assert out.shape[0] == 4 and out.shape[2:] == x.shape[2:] and torch.isfinite(out).all()
+    # the text condition reaches the output: two prompts, two different predictions
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[0], out[2])
+    assert common.decode(pipe, x[:1]).shape[1] == 3
+
+
+def test_export_reloads_in_a_stock_pipeline_and_samples(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe = common.load_pipeline("sd21", "tiny")
+    student = getattr(pipe, pipe.denoiser_name)
+    torch.nn.init.normal_(student.conv_out.weight, std=0.1)  # a "trained" student differs from init
+    common.export_pipeline(pipe, student, str(tmp_path / "pipe"))
+    loaded = DiffusionPipeline.from_pretrained(str(tmp_path / "pipe"))
+    assert type(loaded).__name__ == "StableDiffusionPipeline"
+    assert torch.equal(loaded.unet.conv_out.weight, student.conv_out.weight)
+    img = loaded("a red fox", num_inference_steps=2, guidance_scale=1.0, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 3, 128, 128) and torch.isfinite(img).all()
+
+
+def test_unreachable_model_fails_fast_with_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    t0 = time.time()
+    with pytest.raises(FileNotFoundError) as e:
+        common.load_pipeline("pixart", "no-such-org/no-such-model")
+    assert time.time() - t0 < 10
+    assert "no-such-org/no-such-model" in str(e.value) and "--model" in str(e.value)
+
+
+def _identity(z):
+    return z
+
+
+def test_geometry_metrics_on_maps_with_known_jacobians():
+    z = torch.randn(64, 2)
+    same = common.geometry_metrics(_identity, _identity, z, n_dirs=3)
+    assert same["jvp_cos"] == pytest.approx(1.0, abs=1e-6) and same["jac_norm_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert same["spectral_kl"] == pytest.approx(0.0, abs=1e-6) and same["jvp_mse"] == pytest.approx(0.0, abs=1e-12)
+    scaled = common.geometry_metrics(lambda x: 2.0 * x, _identity, z, n_dirs=3)
+    assert scaled["jvp_cos"] == pytest.approx(1.0, abs=1e-6) and scaled["jac_norm_ratio"] == pytest.approx(2.0, abs=1e-5)
+    assert scaled["jac_norm_ratio_top10"] == pytest.approx(2.0, abs=1e-5) and scaled["spectral_kl"] == pytest.approx(0, abs=1e-6)
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # 90 degrees: every response is orthogonal to the teacher's
+    rotated = common.geometry_metrics(lambda x: x @ rot.T, _identity, z, n_dirs=3)
+    assert rotated["jvp_cos"] == pytest.approx(0.0, abs=1e-6) and rotated["jac_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    # same seeded directions: ||Rv - v||^2 = 2||v||^2 while ||2v - v||^2 = ||v||^2
+    assert rotated["jvp_mse"] == pytest.approx(2 * scaled["jvp_mse"], rel=1e-5)
+    # non-linear maps: exact forward-mode JVP and the central difference agree
+    f = lambda x: torch.sin(3 * x) + x.pow(2)
+    exact = common.geometry_metrics(f, _identity, z, n_dirs=2, mode="exact")
+    fd = common.geometry_metrics(f, _identity, z, n_dirs=2, mode="fd", h=1e-3)
+    assert fd["jvp_cos"] == pytest.approx(exact["jvp_cos"], abs=1e-4)
+
+
+def test_geometry_metrics_on_images_and_spectral_kl_sees_blur():
+    z = torch.randn(4, 3, 16, 16)
+    blur = torch.nn.AvgPool2d(3, stride=1, padding=1)
+    m = common.geometry_metrics(blur, _identity, z, n_dirs=2)
+    assert m["spectral_kl"] > 0.05 and m["jac_norm_ratio"] < 0.7 and 0 < m["jvp_cos"] < 1
+
+
+def test_diversity_metric():
+    same = torch.ones(2, 5, 7)
+    assert common.diversity(same) == pytest.approx(0.0, abs=1e-6)
+    ortho = torch.eye(4).expand(3, 4, 4)
+    assert common.diversity(ortho) == pytest.approx(1.0, abs=1e-6)
+    a = torch.tensor([[[1.0, 0.0], [math.cos(1.0), math.sin(1.0)]]])  # one prompt, two seeds at angle 1 rad
+    assert common.diversity(a) == pytest.approx(1 - math.cos(1.0), abs=1e-6)
+    with pytest.raises(ValueError):
+        common.diversity(torch.ones(2, 1, 3))
+
+
+def test_check_finite_names_step_and_term():
+    common.check_finite(3, loss=torch.tensor(1.0))
+    with pytest.raises(FloatingPointError, match="step 7.*'gen'"):
+        common.check_finite(7, gen=torch.tensor(float("nan")))
+
+
+def test_autocast_and_scaler_policy():
+    cpu = torch.device("cpu")
+    assert common.resolve_dtype("auto", cpu) == torch.float32 and common.resolve_dtype("bf16", cpu) == torch.bfloat16
+    assert common.make_scaler(cpu, torch.bfloat16) is None and common.make_scaler(cpu, torch.float32) is None
+    with common.autocast(cpu, torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast(cpu, torch.float32):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
