@@ -616,6 +616,12 @@ def select(cond: dict, idx) -> dict:
     return {k: select(v, idx) if isinstance(v, dict) else (v[idx] if torch.is_tensor(v) else v) for k, v in cond.items()}
 
 
+def cast(cond: dict, dtype: torch.dtype) -> dict:
+    """Cast the floating-point tensors of a nested kwargs dict (embeddings, not masks) to `dtype`."""
+    return {k: cast(v, dtype) if isinstance(v, dict) else (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+            for k, v in cond.items()}
+
+
 def cat(*conds: dict) -> dict:
     """Concatenate kwargs dicts of the same structure along dim 0 (e.g. to batch cond with uncond)."""
     c0 = conds[0]

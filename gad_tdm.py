@@ -279,7 +279,7 @@ def train(args: Args) -> dict:
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
     prompts = common.read_prompts(args.prompts)
-    encode = lambda ps: common.encode(pipe, "pixart", ps, device)
+    encode = lambda ps: [common.cast(c, torch.float32) for c in common.encode(pipe, "pixart", ps, device)]  # fp32 nets
     null = common.select(encode([""])[0], torch.zeros(B, dtype=torch.long, device=device))
     opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
@@ -438,7 +438,7 @@ def evaluate(args, pipe, teacher, student, abar, prompts, device) -> dict:
     the teacher's --eval-teacher-steps DDIM map with CFG, on fixed prompts and directions; and the diversity
     metric (DP-DMD Eq. 9) over --eval-seeds seeds per prompt."""
     P = min(4, len(prompts))
-    cond, null = common.encode(pipe, "pixart", prompts[:P], device)
+    cond, null = [common.cast(c, torch.float32) for c in common.encode(pipe, "pixart", prompts[:P], device)]
     g = torch.Generator().manual_seed(1234)
     z = torch.randn(common.latent_shape(pipe, P), generator=g).to(device)
     phi_s = lambda x: sample(student, x, cond, args.timesteps, abar)

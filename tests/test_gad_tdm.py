@@ -1,0 +1,241 @@
+"""gad_tdm.py on the tiny PixArt: equations against independent computations, gradient routing, GAD properties,
+precision, smoke runs, export, exact resume, and a 2-process torchrun."""
+import copy
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import gad_tdm as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model="tiny", batch_size=2, sample_every=1000, ckpt_every=1000, eval_teacher_steps=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    pipe = common.load_pipeline("pixart", "tiny")
+    teacher = pipe.transformer
+    cond, uncond = common.encode(pipe, "pixart", ["a red fox", "a blue car"], "cpu")
+    return pipe, teacher, cond, uncond, pipe.scheduler.alphas_cumprod.float()
+
+
+def test_fake_loss_matches_independent_computation():
+    abar = torch.linspace(0.9999, 0.01, 1000)
+    torch.manual_seed(1)
+    x0_f, x0_s, w = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.rand(3)
+    tau = torch.tensor([10, 500, 990])
+    snr = abar[tau] / (1 - abar[tau])
+    expected = sum(((x0_f[i] - x0_s[i]) ** 2).mean() * min(snr[i].item(), 5.0) * w[i] for i in range(3)) / 3
+    assert M.tdm_fake_loss(x0_f, x0_s, tau, w, abar, 5.0).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_generator_loss_value_and_gradient():
+    torch.manual_seed(2)
+    x0 = torch.randn(2, 4, 8, 8, requires_grad=True)
+    T_cfg, F_x0, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), 1e-3
+    loss = M.tdm_generator_loss(x0, T_cfg, F_x0, c)
+    d = F_x0 - T_cfg  # x0 - target
+    W = (x0.detach() - T_cfg).abs().mean((1, 2, 3), keepdim=True)
+    expected = ((torch.sqrt(d**2 + c**2) - c) / W).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()  # the target is stop-gradient: d loss / d x0 = d / sqrt(d^2 + c^2) / W / numel
+    assert torch.allclose(x0.grad, d / torch.sqrt(d**2 + c**2) / W / d.numel(), atol=1e-7)
+
+
+def test_renoise_and_mixed_noise_are_consistent():
+    """x_tau = alpha_tau x0 + sigma_tau m: the re-noised ODE point and the mixed noise describe the same sample."""
+    abar = torch.linspace(0.9999, 0.005, 1000)
+    torch.manual_seed(3)
+    x0, eps_hat, noise = torch.randn(3, 2, 4, 4, dtype=torch.float64).unbind(0)
+    t_mid, tau = torch.tensor([300, 100]), torch.tensor([600, 150])
+    a_m, s_m = M.alpha_sigma(abar, t_mid)
+    a_t, s_t = M.alpha_sigma(abar, tau)
+    x_tau = M.renoise(a_m * x0 + s_m * eps_hat, t_mid, tau, noise, abar)
+    m = M.mixed_noise(eps_hat, t_mid, tau, noise, abar)
+    assert torch.allclose(x_tau, a_t * x0 + s_t * m, atol=1e-5)
+    w = M.importance_weight(m, noise)
+    assert torch.allclose(w, torch.exp(-0.5 * (m**2).flatten(1).mean(1)) / torch.exp(-0.5 * (noise**2).flatten(1).mean(1)))
+
+
+def test_gad_surrogate_gradient_direction_agrees_with_the_tdm_gradient():
+    """Eq. 9 in x0 space: grad_x_tau = (Delta_fake - Delta_real)/h / numel, which equals the change of the TDM
+    generator's own descent direction (F - T) between x_tau + h v and x_tau: same sign convention as the base."""
+    torch.manual_seed(4)
+    A, Bm = torch.randn(16, 16), torch.randn(16, 16)
+    T = lambda x: x @ A.T  # a "teacher" and a "fake" x0 map
+    Fk = lambda x: x @ Bm.T
+    x = torch.randn(2, 16, requires_grad=True)
+    v, h = torch.randn(2, 16), 0.1
+    d_T, d_F = T(x + h * v) - T(x), Fk(x + h * v) - Fk(x)
+    sur, mismatch = M.gad_surrogate(x, d_F.detach(), d_T.detach(), h, "jvp", torch.ones(1))
+    sur.backward()
+    g_base = lambda y: Fk(y) - T(y)  # sign of d L_TDM / d x0 (descent moves x0 towards T - F)
+    expected = (g_base(x + h * v) - g_base(x)).detach() / h / x.numel()
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+    assert mismatch.item() == pytest.approx(((d_F - d_T) / h).pow(2).mean().item(), rel=1e-5)
+    paper = M.gad_surrogate(x, d_F.detach(), d_T.detach(), h, "paper", torch.ones(1))[0]
+    assert paper.item() == pytest.approx(h * sur.item(), rel=1e-5)  # printed form = h x jvp form
+
+
+def _f(net, cond, abar, tau, cfg=None, uncond=None):
+    if cfg is None:
+        return lambda x, n: M.predict(net, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
+    return lambda x, n: M.teacher_x0(net, x, tau.repeat(n), common.cat(*[cond] * n), common.cat(*[uncond] * n),
+                                     cfg, abar)[0]
+
+
+def test_gad_is_zero_when_fake_equals_teacher(tiny):
+    pipe, teacher, cond, uncond, abar = tiny
+    fake = copy.deepcopy(teacher)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    tau, v = torch.tensor([700, 300]), torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        _, dT = M.responses(_f(teacher, cond, abar, tau, 1.0, uncond), x, v, 1e-2, "fd")  # CFG 1 = the cond net
+        _, dF = M.responses(_f(fake, cond, abar, tau), x, v, 1e-2, "fd")
+    sur, mismatch = M.gad_surrogate(x, dF, dT, 1e-2, "jvp", torch.ones(1))
+    sur.backward()
+    # zero up to fp32 rounding (the teacher's batch holds cond and uncond, the fake's does not)
+    assert x.grad.abs().max().item() < 1e-7 and mismatch.item() < 1e-9
+    with torch.no_grad():  # a different fake gives a clearly non-zero term
+        for p in fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        _, dF = M.responses(_f(fake, cond, abar, tau), x, v, 1e-2, "fd")
+    assert M.gad_surrogate(x, dF, dT, 1e-2, "jvp", torch.ones(1))[1].item() > 1e-4
+
+
+def test_finite_difference_approaches_exact_jvp_as_h_shrinks(tiny):
+    pipe, teacher, cond, uncond, abar = tiny
+    torch.manual_seed(5)
+    x, v, tau = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([600, 600])
+    f = _f(teacher, cond, abar, tau, 4.5, uncond)
+    with torch.no_grad():
+        _, exact = M.responses(f, x, v, 1.0, "exact")  # h * J v with h = 1: the JVP itself
+        errs = [((M.responses(f, x, v, h, "fd")[1] / h - exact).norm() / exact.norm()).item() for h in (0.3, 0.03, 0.003)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2, errs
+
+
+def test_perturbation_survives_because_differences_are_fp32_under_bf16(tiny):
+    pipe, teacher, cond, uncond, abar = tiny
+    torch.manual_seed(6)
+    x, v, tau, h = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.tensor([500, 500]), 1e-2
+    f = _f(teacher, cond, abar, tau)
+    with torch.no_grad():
+        _, ref = M.responses(f, x, v, h, "fd")  # fp32 reference
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", enabled=False):  # what --gad-fp32 does inside a bf16 step
+                _, ours = M.responses(f, x, v, h, "fd")
+            _, naive = M.responses(f, x, v, h, "fd")  # the network itself in bf16
+    rel = lambda d: ((d - ref).norm() / ref.norm()).item()
+    assert rel(ours) < 1e-5 and rel(naive) > 0.2, (rel(ours), rel(naive))
+
+
+def test_ablation_helpers():
+    tau = torch.tensor([100, 400, 800])
+    assert M.gad_mask(tau, "all").flatten().tolist() == [1, 1, 1]
+    assert M.gad_mask(tau, "high").flatten().tolist() == [0, 0, 1]
+    assert M.gad_mask(tau, "mid").flatten().tolist() == [0, 1, 0]
+    assert M.gad_mask(tau, "low").flatten().tolist() == [1, 0, 0]
+    inc, dec = M.gad_h(tau, 1e-2, "increasing").flatten(), M.gad_h(tau, 1e-2, "decreasing").flatten()
+    assert inc[0] > inc[2] and dec[0] < dec[2] and torch.allclose(M.gad_h(tau, 1e-2, "fixed").flatten(), torch.full((3,), 1e-2))
+    v = M.direction((3, 4, 8, 8), "unit", "cpu")
+    assert torch.allclose(v.flatten(1).norm(dim=1), torch.ones(3))
+
+
+def test_fake_update_leaves_student_and_teacher_without_gradient(tiny):
+    pipe, teacher, cond, uncond, abar = tiny
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    x, t_g, t_mid, tau = torch.randn(2, 4, 16, 16), torch.tensor([899, 449]), torch.tensor([674, 224]), torch.tensor([700, 300])
+    noise = torch.randn_like(x)
+    with torch.no_grad():  # step 2 of train(): the student's prediction is data for the fake
+        eps_s, x0_s = M.predict(student, x, t_g, cond, abar)
+    a_m, s_m = M.alpha_sigma(abar, t_mid)
+    x_tau = M.renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)
+    w = M.importance_weight(M.mixed_noise(eps_s, t_mid, tau, noise, abar), noise)
+    M.tdm_fake_loss(M.predict(fake, x_tau, tau, cond, abar)[1], x0_s, tau, w, abar, 5.0).backward()
+    assert all(p.grad is None for p in student.parameters()) and all(p.grad is None for p in teacher.parameters())
+    assert sum(p.grad.abs().sum().item() for p in fake.parameters() if p.grad is not None) > 0
+
+
+def test_smoke_gad_and_base_export_reload_reproduces_sampler(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out = str(tmp_path / "gad")
+    m = M.train(M.Args(**TINY, steps=3, out=out))
+    assert m["gad_mismatch"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in m.values())
+    for f in ("samples.png", "teacher.png", "curves.png", "metrics.jsonl", "ckpt.pt", "pipeline/model_index.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    base = M.train(M.Args(**TINY, steps=2, out=str(tmp_path / "base"), gad_weight=0.0))
+    assert base["gad_mismatch"] == 0
+    # the stock pipeline with the documented call reproduces the training sampler
+    pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "pipeline"))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    lat = pipe("a red fox", num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0, latents=z,
+               output_type="latent", **common.PIPELINE_KWARGS["pixart"]).images
+    cond, _ = common.encode(pipe, "pixart", ["a red fox"], "cpu")
+    abar = pipe.scheduler.alphas_cumprod.float()
+    x0, states = M.sample(pipe.transformer, z, cond, (899, 674, 449, 224), abar, return_states=True)
+    eps = M.predict(pipe.transformer, states[-1], torch.tensor([224]), cond, abar)[0]
+    documented = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps  # TCD's last step (see Deviations)
+    assert torch.allclose(lat.float(), documented, atol=1e-4)
+    assert (lat.float() - x0).abs().max() < 0.1  # and that is within ~1% of eps of the student's x0
+
+
+def test_bf16_step_runs_and_exact_jvp_mode_runs(tmp_path):
+    m = M.train(M.Args(**TINY, steps=1, out=str(tmp_path / "bf16"), dtype="bf16"))
+    assert m["gad_mismatch"] > 0
+    m = M.train(M.Args(**TINY, steps=1, out=str(tmp_path / "exact"), gad_jvp="exact", gad_t_range="mid",
+                       gad_h_schedule="increasing", gad_direction="unit", gad_form="paper"))
+    assert torch.isfinite(torch.tensor(m["loss_tdm"]))
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    full = M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=4, out=a))
+    M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=2, out=b))
+    resumed = M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=4, out=b, resume="latest"))
+    assert resumed == full
+    sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)["models"]["student"]
+    sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)["models"]["student"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    rows = common.Logger.read(os.path.join(b, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_eval_reports_geometry_and_diversity(tmp_path):
+    out = str(tmp_path / "e")
+    M.train(M.Args(**TINY, steps=1, out=out))
+    m = M.train(M.Args(**TINY, out=out, resume="latest", eval=True, eval_seeds=2))
+    assert {"jvp_cos", "jac_norm_ratio", "spectral_kl", "jvp_mse", "pointwise_mse", "diversity"} <= set(m)
+    assert -1 <= m["jvp_cos"] <= 1 and m["diversity"] > 0
+
+
+def test_bench_reports_ratios(tmp_path):
+    m = M.train(M.Args(**TINY, out=str(tmp_path / "b"), bench=1))
+    assert m["time_ratio"] > 0 and m["step_time_base"] > 0
+
+
+def test_torchrun_two_processes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           os.path.join(ROOT, "gad_tdm.py"), "--model", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu",
+           "--sample-every", "1000", "--eval-teacher-steps", "2", "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["step"] for row in common.Logger.read(str(tmp_path / "ddp" / "metrics.jsonl"))] == [1, 2]
+    assert os.path.exists(tmp_path / "ddp" / "pipeline" / "model_index.json")
+
+
+def test_args_defaults_are_the_papers():
+    a = M.Args()
+    assert (a.lr, a.steps, a.batch_size, a.gad_h, a.gad_weight) == (4e-6, 2000, 64, 1e-2, 1.0)  # Table 11, PixArt
+    assert a.timesteps == (899, 674, 449, 224) and a.cfg == 4.5 and a.huber_c == 1e-3
+    assert dataclasses.fields(M.Args)  # every field has help text
+    helptext = common.build_parser(M.Args).format_help()
+    assert all(f.name.replace("_", "-") in helptext for f in dataclasses.fields(M.Args))
