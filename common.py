@@ -13,7 +13,6 @@ import os
 import random
 import re
 import socket
-import sys
 import typing
 from types import SimpleNamespace
 
@@ -26,7 +25,6 @@ import torch.distributed as torch_dist
 #     lr: float = 4e-6  # learning rate (Table 11)
 # Bools become --flag / --no-flag; Literal types become choices; tuples take several values.
 
-
 def _field_comments(cls) -> dict:
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):  # subclasses override their parents' help
@@ -38,10 +36,8 @@ def _field_comments(cls) -> dict:
             comments[m.group(1)] = m.group(2).strip()
     return comments
 
-
 def build_parser(cls):
     import argparse
-
     hints = typing.get_type_hints(cls)
     helps = _field_comments(cls)
     doc = (cls.__doc__ or "").strip() if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else None
@@ -61,17 +57,14 @@ def build_parser(cls):
             p.add_argument(name, type=tp, **kw)
     return p
 
-
 def parse(cls, argv=None):
     """Parse sys.argv (or `argv`) into an instance of the dataclass `cls`."""
     ns = build_parser(cls).parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()}
     return cls(**values)
 
-
 # ----------------------------------------------------------------------------------------------
 # Device, precision, seeding
-
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -80,28 +73,19 @@ def pick_device(name: str = "auto") -> torch.device:
         raise RuntimeError(f"--device {name} asked for, but torch.cuda.is_available() is False")
     return torch.device(name)
 
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' = bf16 on CUDA, fp32 on CPU (bf16 autocast on CPU is slower for tiny models)."""
-    if name == "auto":
-        name = "bf16" if device.type == "cuda" else "fp32"
-    return DTYPES[name]
-
+    return DTYPES[("bf16" if device.type == "cuda" else "fp32") if name == "auto" else name]
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """The one place precision is chosen: autocast for half dtypes, nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 def make_scaler(device: torch.device, dtype: torch.dtype):
     """A GradScaler only for fp16 (bf16 and fp32 need none). Returns None otherwise."""
     return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
 
 def seed_everything(seed: int, rank: int = 0) -> None:
     s = seed + rank  # different data per rank, reproducible per run
@@ -109,17 +93,14 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
 
-
 def set_cpu_threads(n: int = 0) -> None:
     """n > 0: use n threads. n = 0: leave torch's default (all cores) unless CPU_THREADS is set."""
     n = n or int(os.environ.get("CPU_THREADS", 0))
     if n > 0:
         torch.set_num_threads(n)
 
-
 # ----------------------------------------------------------------------------------------------
 # Distributed (torchrun). A plain `python file.py` gets world_size 1 and no process group.
-
 
 def init_distributed(device_name: str = "auto") -> SimpleNamespace:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -132,11 +113,9 @@ def init_distributed(device_name: str = "auto") -> SimpleNamespace:
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return SimpleNamespace(rank=rank, world_size=world, local_rank=local_rank, device=device, is_main=rank == 0)
 
-
 def print0(*a, **k) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)
-
 
 def wrap_ddp(model: torch.nn.Module, dist) -> torch.nn.Module:
     if dist.world_size == 1:
@@ -144,24 +123,19 @@ def wrap_ddp(model: torch.nn.Module, dist) -> torch.nn.Module:
     ids = [dist.local_rank] if dist.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
-
 
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
 
-
 def cleanup() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: one dict {models, optimizers, scaler, step, args, rng}, written atomically.
-
 
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -169,14 +143,12 @@ def _rng_state() -> dict:
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
-
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, scaler=None, extra=None) -> None:
     """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file."""
@@ -194,7 +166,6 @@ def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, 
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
-
 def resolve_resume(resume: str, out_dir: str) -> str | None:
     """'' -> None; 'latest' -> out_dir/ckpt.pt if it exists; otherwise the path, which must exist."""
     if not resume:
@@ -205,7 +176,6 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
     return path
-
 
 def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, restore_rng: bool = True) -> dict:
     """Load state in place and return the checkpoint dict (its 'step' is the last finished step)."""
@@ -220,10 +190,8 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
         _set_rng_state(ckpt["rng"])
     return ckpt
 
-
 # ----------------------------------------------------------------------------------------------
 # Logging: tqdm bar, metrics.jsonl, loss curves, image grids (rank 0 only).
-
 
 class Logger:
     def __init__(self, out_dir: str, total: int, start: int = 0, enabled: bool = True, desc: str = "train"):
@@ -258,14 +226,14 @@ class Logger:
     def close(self) -> None:
         self.bar.close()
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    return __import__("matplotlib.pyplot").pyplot
 
 def plot_curves(jsonl_path: str, png_path: str) -> None:
     """One subplot per logged scalar against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = Logger.read(jsonl_path)
     keys = sorted({k for r in rows for k in r if k != "step"})
     if not keys:
@@ -280,44 +248,30 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
-
-def save_grid(images: torch.Tensor, path: str, nrow: int, titles=None) -> None:
+def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (N, C, H, W) in [-1, 1], C = 1 or 3 (extra channels are dropped). Rows of `nrow`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, :3]
-    n, ncol = x.shape[0], nrow
-    rows = math.ceil(n / ncol)
-    fig, axes = plt.subplots(rows, ncol, figsize=(1.8 * ncol, 1.8 * rows), squeeze=False)
+    n, rows = x.shape[0], math.ceil(x.shape[0] / nrow)
+    fig, axes = plt.subplots(rows, nrow, figsize=(1.8 * nrow, 1.8 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
             img = x[i].permute(1, 2, 0).numpy()
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-            if titles is not None:
-                ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 # ----------------------------------------------------------------------------------------------
 # Prompts
 
 PROMPTS = [
-    "a photo of a red fox sitting in fresh snow",
-    "a watercolor painting of a lighthouse at dawn",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "an astronaut riding a horse on the moon",
-    "a cozy cabin in a pine forest at night, warm windows",
-    "a close-up portrait of an old fisherman, film grain",
-    "a city street in the rain with neon signs",
-    "a vintage bicycle leaning against a yellow wall",
+    "a photo of a red fox sitting in fresh snow", "a watercolor painting of a lighthouse at dawn",
+    "a bowl of ramen on a wooden table, studio lighting", "an astronaut riding a horse on the moon",
+    "a cozy cabin in a pine forest at night, warm windows", "a close-up portrait of an old fisherman, film grain",
+    "a city street in the rain with neon signs", "a vintage bicycle leaning against a yellow wall",
 ]
-
 
 def read_prompts(path: str = "") -> list:
     """One prompt per line from `path`; the built-in list when `path` is empty."""
@@ -328,7 +282,6 @@ def read_prompts(path: str = "") -> list:
     if not prompts:
         raise ValueError(f"--prompts {path}: no non-empty lines")
     return prompts
-
 
 # ----------------------------------------------------------------------------------------------
 # Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
@@ -348,15 +301,12 @@ PIPELINE_KWARGS = {  # what a stock __call__ needs for our pipelines (no binning
     "sana": {"use_resolution_binning": False, "clean_caption": False},
 }
 
-
 def is_tiny(model: str) -> bool:
     return model == "tiny" or model.startswith("tiny-")
-
 
 def _check_reachable(model_id: str) -> None:
     """Fail within seconds, naming the id, when a hub id is neither cached nor downloadable."""
     from huggingface_hub import try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(model_id, "model_index.json"), str):
         return  # cached: from_pretrained will use it
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -373,14 +323,12 @@ def _check_reachable(model_id: str) -> None:
         f"and pass --model DIR, or pass --model tiny for the random-weight CPU model."
     )
 
-
 def _check_tokenizers(pipe, model_id: str) -> None:
     """transformers returns a near-empty tokenizer (2-104 tokens) for an unreachable id. Refuse it."""
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)
         if tok is not None and len(tok) < 200:
             raise RuntimeError(f"{model_id}: {name} has only {len(tok)} tokens; the tokenizer did not load properly")
-
 
 def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
     """The family's diffusers pipeline, all parts in `dtype` and frozen in eval mode.
@@ -389,7 +337,6 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
     The method file copies the denoiser for its student and fake score and casts them to fp32.
     """
     import diffusers
-
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; one of {sorted(FAMILIES)}")
     cls_name, denoiser, _ = FAMILIES[family]
@@ -411,12 +358,10 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
     pipe.denoiser_name = denoiser
     return pipe
 
-
 def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None) -> str:
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
     `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model."""
     import copy
-
     components = dict(pipe.components)
     net = copy.deepcopy(unwrap(student))
     components[pipe.denoiser_name] = net.to(dtype=pipe.dtype) if net.dtype != pipe.dtype else net
@@ -428,83 +373,65 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
 
 # Tiny tokenizers: byte-level alphabets, no download. Their sizes stay above the 200-token check.
 
-
 def _bytes_alphabet() -> list:
     chars = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     extra = [c for c in range(256) if c not in chars]
     return [chr(c) for c in chars] + [chr(256 + i) for i in range(len(extra))]
 
-
 def _tiny_clip_tokenizer():
     from transformers import CLIPTokenizer
-
     alphabet = _bytes_alphabet()
     vocab = {c: i for i, c in enumerate(alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"])}
     tok = CLIPTokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>")
     tok.model_max_length = 77
     return tok
 
-
 def _tiny_t5_tokenizer():
     from transformers import T5Tokenizer
-
     chars = [chr(c) for c in list(range(33, 127)) + list(range(161, 256))]
     pieces = ["<pad>", "</s>", "<unk>", "▁"] + chars + ["▁" + c for c in chars]
     tok = T5Tokenizer(vocab=[(p, 0.0 if i < 4 else -float(i)) for i, p in enumerate(pieces)], extra_ids=0)
     tok.model_max_length = 512
     return tok
 
-
 def _tiny_gemma_tokenizer():
     from transformers import GemmaTokenizer
-
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {c: i for i, c in enumerate(specials + ["▁"] + _bytes_alphabet())}
     tok = GemmaTokenizer(vocab=vocab, merges=[])
     tok.model_max_length = 4096  # SANA's instruction prefix alone is ~1000 characters
     return tok
 
-
 def _clip(tok, hidden: int, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=77, projection_dim=2 * hidden,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
-
 def _t5(tok, d_model: int = 32):
     from transformers import T5Config, T5EncoderModel
-
     return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
                                    num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=tok.pad_token_id))
 
-
 def _vae_kl(shift_factor=None):
     from diffusers import AutoencoderKL
-
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          layers_per_block=1, norm_num_groups=4, sample_size=128, shift_factor=shift_factor)
 
-
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
 
 def _tiny_unet(**extra):
     from diffusers import UNet2DConditionModel
-
     cfg = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
                norm_num_groups=8)
     return UNet2DConditionModel(**{**cfg, **extra})
 
-
 def _tiny_sd21():
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     tok = _tiny_clip_tokenizer()
     sched = DDIMScheduler.from_config({**SD_BETAS, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
                                        "prediction_type": "epsilon"})
@@ -512,10 +439,8 @@ def _tiny_sd21():
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
-
 def _tiny_pixart():
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-
     tok = _tiny_t5_tokenizer()
     tr = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
                                   caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=24,
@@ -525,30 +450,25 @@ def _tiny_pixart():
                                                      "beta_schedule": "linear", "prediction_type": "epsilon"})
     return PixArtAlphaPipeline(tokenizer=tok, text_encoder=_t5(tok), vae=_vae_kl(), transformer=tr, scheduler=sched)
 
-
 def _tiny_sana():
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
-
     tok = _tiny_gemma_tokenizer()
     te = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0))
     tr = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
                                 attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
                                 cross_attention_dim=16, caption_channels=32, sample_size=16)
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16, 16),
-                        decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
-                        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), (5,)),
-                        decoder_qkv_multiscales=((), (), (5,)), attention_head_dim=4, upsample_block_type="interpolate",
-                        downsample_block_type="conv", decoder_norm_types="rms_norm", decoder_act_fns="silu")
+    both = lambda **kw: {f"{side}_{k}": v for k, v in kw.items() for side in ("encoder", "decoder")}
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, upsample_block_type="interpolate",
+                        downsample_block_type="conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        **both(block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), block_out_channels=(8, 16, 16),
+                               layers_per_block=(1, 1, 1), qkv_multiscales=((), (), (5,))))
     sched = FlowMatchEulerDiscreteScheduler.from_config({"num_train_timesteps": 1000, "shift": 3.0})
     return SanaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr, scheduler=sched)
 
-
 def _tiny_sd3():
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-
     tok, tok3 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
     tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
@@ -559,10 +479,8 @@ def _tiny_sd3():
                                     text_encoder=_clip(tok, 16, True), tokenizer=tok, text_encoder_2=_clip(tok, 16, True),
                                     tokenizer_2=_tiny_clip_tokenizer(), text_encoder_3=_t5(tok3, 32), tokenizer_3=tok3)
 
-
 def _tiny_sdxl():
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     tok = _tiny_clip_tokenizer()
     te, te2 = _clip(tok, 32), _clip(tok, 32, True)  # cross-attention width 32 + 32, pooled projection 64
     unet = _tiny_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -572,14 +490,11 @@ def _tiny_sdxl():
     return StableDiffusionXLPipeline(vae=_vae_kl(), text_encoder=te, text_encoder_2=te2, tokenizer=tok,
                                      tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=sched)
 
-
 TINY = {"sd21": _tiny_sd21, "pixart": _tiny_pixart, "sana": _tiny_sana, "sd3": _tiny_sd3, "sdxl": _tiny_sdxl}
-
 
 # ----------------------------------------------------------------------------------------------
 # Prompt encoding: the pipeline's own encode_prompt, returned as keyword arguments for the
 # denoiser's forward (cond, uncond), so a method file calls `model(x, timestep=t, **cond)`.
-
 
 def encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 0) -> tuple:
     """(cond, uncond) kwargs for the family's denoiser; uncond is the empty prompt."""
@@ -610,24 +525,20 @@ def encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 
                     {"encoder_hidden_states": u, "added_cond_kwargs": {"text_embeds": up, "time_ids": ids}})
     raise ValueError(family)
 
-
 def select(cond: dict, idx) -> dict:
     """Index (or repeat, with an index tensor) every tensor in a nested kwargs dict along dim 0."""
     return {k: select(v, idx) if isinstance(v, dict) else (v[idx] if torch.is_tensor(v) else v) for k, v in cond.items()}
-
 
 def cast(cond: dict, dtype: torch.dtype) -> dict:
     """Cast the floating-point tensors of a nested kwargs dict (embeddings, not masks) to `dtype`."""
     return {k: cast(v, dtype) if isinstance(v, dict) else (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
             for k, v in cond.items()}
 
-
 def cat(*conds: dict) -> dict:
     """Concatenate kwargs dicts of the same structure along dim 0 (e.g. to batch cond with uncond)."""
     c0 = conds[0]
     join = lambda k, v: cat(*[c[k] for c in conds]) if isinstance(v, dict) else torch.cat([c[k] for c in conds])
     return {k: join(k, v) if isinstance(v, dict) or torch.is_tensor(v) else v for k, v in c0.items()}
-
 
 def latent_shape(pipe, batch: int, resolution: int = 0) -> tuple:
     """(B, C, h, w) of the denoiser's latents at `resolution` pixels (default: the model's own size)."""
@@ -645,10 +556,8 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
         z = z + vae.config.shift_factor
     return vae.decode(z).sample.float()
 
-
 # ----------------------------------------------------------------------------------------------
 # Shared metrics
-
 
 def jvp(f, z: torch.Tensor, v: torch.Tensor, mode: str = "exact", h: float = 1e-3) -> torch.Tensor:
     """J_f(z) v in fp32. 'exact': forward-mode AD (torch.func.jvp, math attention kernel);
@@ -657,17 +566,14 @@ def jvp(f, z: torch.Tensor, v: torch.Tensor, mode: str = "exact", h: float = 1e-
     if mode == "fd":
         return (f(z + h * v).float() - f(z - h * v).float()) / (2 * h)
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         return torch.func.jvp(lambda x: f(x).float(), (z,), (v,))[1]
-
 
 def _power_spectrum(r: torch.Tensor) -> torch.Tensor:
     """Normalised power spectrum per sample: fft2 over (H, W) summed over channels for images,
     rfft over the flattened features otherwise."""
     p = torch.fft.fft2(r).abs().pow(2).sum(1).flatten(1) if r.ndim == 4 else torch.fft.rfft(r.flatten(1)).abs().pow(2)
     return p / p.sum(1, keepdim=True).clamp_min(1e-30)
-
 
 def geometry_metrics(phi_s, phi_t, z: torch.Tensor, n_dirs: int = 4, seed: int = 0, mode: str = "exact",
                      h: float = 1e-3) -> dict:
@@ -699,7 +605,6 @@ def geometry_metrics(phi_s, phi_t, z: torch.Tensor, n_dirs: int = 4, seed: int =
             "jac_norm_ratio_top10": ratio[top].mean().item(), "spectral_kl": torch.cat(kl).mean().item(),
             "jvp_mse": torch.cat(mse).mean().item()}
 
-
 def diversity(features: torch.Tensor) -> float:
     """DP-DMD Eq. 9: features (P prompts, N seeds, D) -> mean over prompts of
     1 - mean pairwise cosine similarity between the N L2-normalised features (pairs i != j)."""
@@ -711,13 +616,8 @@ def diversity(features: torch.Tensor) -> float:
     mean_offdiag = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
     return (1 - mean_offdiag).mean().item()
 
-
 def check_finite(step: int, **losses) -> None:
     """Stop the run, naming the step and the term, when a loss is not finite (no silent NaN handling)."""
     for k, v in losses.items():
         if not torch.isfinite(torch.as_tensor(v)).all():
             raise FloatingPointError(f"step {step}: loss term '{k}' is {v}; stopping (last checkpoint kept)")
-
-
-if __name__ == "__main__":
-    sys.exit("common.py is a library; run one of the method files.")
