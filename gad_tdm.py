@@ -242,8 +242,8 @@ def sample(student, z, cond, timesteps, abar, return_states=False):
 
 
 def teacher_sample(teacher, z, cond, uncond, w, steps, abar):
-    """The teacher's deterministic DDIM map z -> x0 with CFG w over `steps` steps from t = 999 (no grad inside
-    callers that need JVPs: they wrap it themselves)."""
+    """The teacher's deterministic DDIM map z -> x0 with CFG w over `steps` steps from t = 999. Not under no_grad:
+    --eval takes forward-mode JVPs through it."""
     ts = torch.linspace(999, 0, steps + 1).round().long().tolist()
     x = z
     for t, t_next in zip(ts[:-1], ts[1:]):
