@@ -1,0 +1,428 @@
+"""GAD on Score identity Distillation (SiD) for flow-matching DiTs: a 4-step SANA student.
+
+Huang et al., "Restoring Initial Noise Sensitivity in Text-to-Image Distillation via Geometric Alignment"
+(GAD, ICML 2026, arXiv 2606.01651), Sec. 4.2 score-based form, Table 3 setting C, Tables 10-11 (SANA).
+Base: SiD for flow matching (Zhou et al. 2025, arXiv 2509.25127) as ml-sid-dit runs it on SANA.
+SiD trains a 4-step generator against a frozen teacher and a fake score fitted to the generator's samples
+(Fisher-divergence gradient through both scores). GAD adds a term that matches how the two scores *respond*
+to a small move h v of the noisy sample x_t: the generator is pushed where the fake's response differs from
+the teacher's.
+
+Flow conventions (METHODS §0): x_s = (1 - s) x0 + s eps, the net predicts v = eps - x0, so from v:
+    x0 = x_s - s v,   eps = x_s + (1 - s) v,   score = -eps / s.
+Eq. 9 in flow form. Eq. 9's (Delta eps_fake - Delta eps_real) is DMD's score-space gradient (s_fake - s_real)
+with eps written for s. With Delta eps = h v_dir + (1 - s) Delta v and Delta x0 = h v_dir - s Delta v:
+    Delta s_fake - Delta s_real = -(Delta eps_f - Delta eps_r) / s = ((1 - s) / s^2) (Delta x0_f - Delta x0_r).
+    Delta x0_f - Delta x0_r = -s (Delta v_f - Delta v_r) = -(s / (1 - s)) (Delta eps_f - Delta eps_r).
+We use the x0-space direction D = w(s) (Delta x0_f - Delta x0_r) [/ h], the SiD weight w = 1 - s replacing the
+(1 - s)/s^2 score weight, so that D has the same orientation and scale as SiD's own direct gradient on x_g,
+w (y_f - y_r), and the released GAD code's (it pulls the student's x0 response toward Delta_T - Delta_F).
+Surrogate: L_GAD = mean(sg(D) * x_t), whose gradient is D dx_t/dtheta (Eq. 9). Descending it moves x_t along
+Delta x0_real - Delta x0_fake. Read literally in eps, Eq. 9 has the opposite sign (the factor -s/(1 - s) above),
+so it would push against the base loss's own direction; tests check the orientation we use.
+Note: Eq. 9 is linear in v_dir to first order and dx_t/dtheta does not depend on v_dir, so its mean over
+v_dir ~ N(0, I) is only O(h) (the Laplacian of the score gap); single draws carry the signal as noise-like
+per-sample pushes. The released TDM code instead back-propagates through the student's own response.
+
+Equation map:
+    Eq. 7  (L_base + lambda L_GAD)                 -> train(), step 2
+    Eq. 9  (score-form GAD gradient)               -> gad_direction(), gad_surrogate()
+    Eq. 10 (Delta eps = eps(x_t + h v) - eps(x_t)) -> gad_delta() (fd pair or exact JVP), x0 form
+    Eq. 6/8 scaling (--gad-form paper: differences not divided by h)  -> gad_direction()
+    SiD generator loss (METHODS §3)                -> sid_generator_loss();  fake-score loss -> fake_score_loss()
+    SiD 4-step generator, fresh noise per step     -> rollout()
+Deviations:
+    - Eq. 9 read in score space (orientation of DMD/SiD and of the released GAD code), weighted by SiD's w(s)
+      instead of (1 - s)/s^2; see above.  # DEVIATION marked at gad_direction()
+    - --gad-form jvp (default) divides the differences by h as the released code does; Eq. 6/8/9 as printed
+      (--gad-form paper) is nearly inert at h = 1e-2 (signal ~ h^2).
+    - Adam betas (0, 0.999) as released SiD; the paper's App. D says AdamW (0.9, 0.999) for every backbone.
+    - Finite differences always in fp32 (inputs, networks, outputs) even under bf16: the bf16 grid (2^-8)
+      swallows an h = 1e-2 move. Under bf16 the pair [x_t, x_t + h v] is one extra fp32 no-grad forward.
+    - Non-finite loss stops the run naming the step; released SiD drops NaN samples silently.
+    - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
+    - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
+Commands:
+    GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
+    torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
+    CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
+    plain SiD: --gad-weight 0.   Exact JVPs instead of finite differences: --gad-jvp exact.
+Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
+losses are noise around small values; on SANA loss_sid turns negative and grids sharpen within ~1k steps.
+"""
+import copy
+import math
+import os
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+import common
+
+
+@dataclass
+class Args:
+    lr: float = 5e-6  # generator learning rate (Table 11, SANA)
+    lr_fake: float = 5e-6  # fake-score learning rate (SiD uses the generator's)
+    betas: tuple[float, ...] = (0.0, 0.999)  # Adam betas (released SiD; paper App. D: AdamW 0.9, 0.999)
+    cfg: float = 4.5  # teacher CFG scale w (SiD on SANA)
+    fake_cfg: bool = True  # CFG on the fake score too, as released SiD ("long-short guidance")
+    alpha: float = 1.0  # SiD alpha in (y_r - y_f).[(y_r - x_g) - alpha (y_r - y_f)]
+    t_gen: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # generator steps t_i (fresh noise at each)
+    sigma_logit_mean: float = math.log(2)  # sigma ~ sigmoid(N(mean, std^2)) (SiD)
+    sigma_logit_std: float = 1.6  # std of the logit-normal sigma (SiD)
+    gad_weight: float = 1.0  # lambda, Eq. 7 (Table 11); 0 = plain SiD
+    gad_h: float = 1e-2  # perturbation scale h (Table 11, SANA)
+    gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 9 as printed
+    gad_jvp: Literal["fd", "exact"] = "fd"  # fd: fp32 finite differences; exact: forward-mode AD
+    gad_batched: bool = True  # fp32 + fd: perturbed rows ride in the SiD teacher/fake forwards (fewest calls)
+    model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, or 'tiny'
+    out: str = "runs/gad_sid"  # output directory
+    steps: int = 5000  # training iterations (Table 11, SANA)
+    batch_size: int = 8  # per GPU (Table 11, SANA)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # cuda, cpu or auto
+    seed: int = 0  # global seed (offset by rank)
+    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    sample_every: int = 250  # steps between sample grids, also at the end with the loss curves (0 = none)
+    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+    log_every: int = 10  # steps between metrics.jsonl rows
+    eval: bool = False  # at the end: geometry metrics vs the teacher and seed diversity
+    eval_teacher_steps: int = 20  # teacher Euler steps for --eval (Table 3: 20)
+    prompts: str = ""  # prompt file, one per line ('' = built-in list)
+    export: bool = True  # save the student as a SanaPipeline in out/pipeline at the end
+    threads: int = 0  # CPU threads (0 = torch default or $CPU_THREADS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow-matching algebra (fp32) and the losses
+
+
+def bc(s: torch.Tensor) -> torch.Tensor:
+    return s.float().view(-1, 1, 1, 1)
+
+
+def sample_sigma(n: int, mean: float, std: float, device) -> torch.Tensor:
+    """SiD's logit-normal noise level: sigma = sigmoid(N(mean, std^2))."""
+    return torch.sigmoid(mean + std * torch.randn(n, device=device))
+
+
+def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps (METHODS §0)."""
+    return (1 - bc(sigma)) * x0.float() + bc(sigma) * eps.float()
+
+
+def sid_generator_loss(y_r, y_f, x_g, sigma, alpha: float) -> torch.Tensor:
+    """SiD: mean of (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] w(sigma), w = 1 - sigma (METHODS §3)."""
+    d = y_r - y_f
+    return (d * ((y_r - x_g) - alpha * d) * (1 - bc(sigma))).mean()
+
+
+def fake_score_loss(v_fake, eps, x_g) -> torch.Tensor:
+    """Flow-matching regression of the fake score on generator samples: ||v_F - (eps - sg(x_g))||^2."""
+    return (v_fake.float() - (eps.float() - x_g.detach().float())).pow(2).mean()
+
+
+def gad_direction(dy_f, dy_r, sigma, h: float, form: str) -> torch.Tensor:
+    """Eq. 9 in x0 space: D = w(sigma) (Delta x0_fake - Delta x0_real), divided by h for --gad-form jvp."""
+    # DEVIATION: score-space reading of Eq. 9 (DMD/SiD orientation) with SiD's weight w = 1 - sigma; see docstring.
+    D = (1 - bc(sigma)) * (dy_f.float() - dy_r.float())
+    return D / h if form == "jvp" else D
+
+
+def gad_surrogate(D: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 surrogate: mean(sg(D) * x_t); its gradient is D dx_t/dtheta (same reduction as the SiD loss)."""
+    return (D.detach() * x_t.float()).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Network calls, the GAD responses, samplers
+
+
+def velocity(net, x, sigma, cond, uncond=None, w: float = 1.0) -> torch.Tensor:
+    """v(x, sigma) in fp32; with `uncond`, CFG v_u + w (v_c - v_u) from one batched forward."""
+    t = 1000.0 * sigma.float() * common.unwrap(net).config.timestep_scale
+    if uncond is None:
+        return net(x, timestep=t, **cond, return_dict=False)[0].float()
+    out = net(torch.cat([x, x]), timestep=torch.cat([t, t]), **common.cat(cond, uncond), return_dict=False)[0].float()
+    v_c, v_u = out.chunk(2)
+    return v_u + w * (v_c - v_u)
+
+
+def x0_pred(net, x, sigma, cond, uncond=None, w: float = 1.0) -> torch.Tensor:
+    return x.float() - bc(sigma) * velocity(net, x, sigma, cond, uncond, w)
+
+
+def pair(c: dict) -> dict:
+    return common.cat(c, c)
+
+
+def gad_delta(net, x_t, sigma, v_dir, h: float, mode: str, cond, uncond=None, w: float = 1.0) -> torch.Tensor:
+    """Eq. 10 in x0 form, fp32, no grad: Delta x0 = x0(x_t + h v) - x0(x_t) (one batched forward of the pair),
+    or h J_x0(x_t) v by forward-mode AD (mode 'exact')."""
+    x, v_dir = x_t.detach().float(), v_dir.float()
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        if mode == "exact":
+            return h * common.jvp(lambda z: x0_pred(net, z, sigma, cond, uncond, w), x, v_dir, "exact")
+        y = x0_pred(net, torch.cat([x, x + h * v_dir]), sigma.repeat(2), pair(cond),
+                    None if uncond is None else pair(uncond), w)
+        y0, y1 = y.chunk(2)
+        return y1 - y0
+
+
+def rollout(G, z, cond, t_gen, k: int, noises=None, generator=None) -> torch.Tensor:
+    """SiD generator, steps 1..k: x_{t_1} = z, D_i = x_{t_i} - t_i G(x_{t_i}), x_{t_{i+1}} = (1 - t_{i+1}) D_i +
+    t_{i+1} eps_{i+1} with fresh eps. Only step k keeps grad (if enabled). Returns D_k (fp32)."""
+    x, grad = z.float(), torch.is_grad_enabled()
+    for i in range(k):
+        t = torch.full((z.shape[0],), t_gen[i], device=z.device)
+        with torch.set_grad_enabled(grad and i == k - 1):
+            D = x0_pred(G if i == k - 1 else common.unwrap(G), x, t, cond)
+        if i < k - 1:
+            eps = noises[i] if noises is not None else torch.randn(z.shape, generator=generator, device=z.device)
+            x = renoise(D, eps, torch.full_like(t, t_gen[i + 1]))
+    return D
+
+
+@torch.no_grad()
+def teacher_sample(T, z, cond, uncond, w: float, n: int, shift: float = 3.0) -> torch.Tensor:
+    """Teacher PF-ODE, Euler in sigma with SANA's shift 3 and CFG w: the multi-step reference map z -> x0."""
+    s = torch.linspace(1, 0, n + 1, device=z.device)
+    s = shift * s / (1 + (shift - 1) * s)
+    x = z.float()
+    for i in range(n):
+        x = x + (s[i + 1] - s[i]) * velocity(T, x, s[i].expand(z.shape[0]), cond, uncond, w)
+    return x
+
+
+def export_scheduler():
+    """Stock scheduler whose `step` is exactly rollout(): x0 = x - s v, x' = (1 - s') x0 + s' * fresh noise."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, stochastic_sampling=True)
+
+
+def stock_call_kwargs(t_gen, side_px: int) -> dict:
+    """The documented call on the exported pipeline that reproduces the 4-step sampler."""
+    return dict(sigmas=list(t_gen), num_inference_steps=len(t_gen), guidance_scale=1.0, height=side_px,
+                width=side_px, **common.PIPELINE_KWARGS["sana"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def fake_guidance(args, uncond):
+    """(uncond, w) for the fake score: CFG like the teacher's with --fake-cfg, else the conditional branch only."""
+    return (uncond, args.cfg) if args.fake_cfg else (None, 1.0)
+
+
+def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, cond, uncond, batched, ac) -> dict:
+    """SiD generator loss at x_t = (1 - sigma) x_g + sigma eps with gradients reaching x_g directly and through
+    y_r, y_f (teacher and fake get none), plus lambda L_GAD (Eq. 7, 9); one optimiser step. Returns the losses."""
+    h, (u_f, cfg_f) = args.gad_h, fake_guidance(args, uncond)
+    fake.requires_grad_(False)
+    x_t = renoise(x_g, eps, sigma)
+    if batched:  # [x_t, x_t + h v] in one teacher and one fake forward; the perturbed rows carry no grad
+        x_p, s2 = x_t.detach() + h * v_dir, sigma.repeat(2)
+        y_r, y_rp = x0_pred(teacher, torch.cat([x_t, x_p]), s2, pair(cond), pair(uncond), args.cfg).chunk(2)
+        y_f, y_fp = x0_pred(fake, torch.cat([x_t, x_p]), s2, pair(cond), None if u_f is None else pair(u_f), cfg_f).chunk(2)
+        dy_r, dy_f = (y_rp - y_r).detach(), (y_fp - y_f).detach()
+    else:
+        with ac:
+            y_r = x0_pred(teacher, x_t, sigma, cond, uncond, args.cfg)
+            y_f = x0_pred(fake, x_t, sigma, cond, u_f, cfg_f)
+        if v_dir is not None:
+            dy_r = gad_delta(teacher, x_t, sigma, v_dir, h, args.gad_jvp, cond, uncond, args.cfg)
+            dy_f = gad_delta(fake, x_t, sigma, v_dir, h, args.gad_jvp, cond, u_f, cfg_f)
+    loss_sid = sid_generator_loss(y_r, y_f, x_g, sigma, args.alpha)
+    out = {}
+    loss_gad = torch.zeros((), device=x_g.device)
+    if v_dir is not None:
+        D = gad_direction(dy_f, dy_r, sigma, h, args.gad_form)
+        loss_gad = gad_surrogate(D, x_t)
+        out["gad_gap"] = D.abs().mean().item()  # mean |w (Delta x0_F - Delta x0_T)| [/h]
+    common.check_finite(step, loss_sid=loss_sid, loss_gad=loss_gad)
+    opt_g.zero_grad(set_to_none=True)
+    (loss_sid + args.gad_weight * loss_gad).backward()
+    opt_g.step()
+    fake.requires_grad_(True)
+    return {"loss_sid": loss_sid.item(), "loss_gad": loss_gad.item(), **out}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def train(args: Args, pipe=None) -> dict:
+    """SiD (+ GAD) training. `pipe`: an already loaded SanaPipeline (tests reuse one); left unmodified on CPU/fp32."""
+    if not 0 < args.gad_h <= 1 or args.gad_weight < 0 or args.steps < 1 or args.batch_size < 1:
+        raise ValueError("need 0 < gad_h <= 1, gad_weight >= 0, steps >= 1, batch_size >= 1")
+    if list(args.t_gen) != sorted(args.t_gen, reverse=True) or args.t_gen[0] != 1.0 or not 0 < args.t_gen[-1]:
+        raise ValueError(f"--t-gen must decrease from 1.0 and stay > 0, got {args.t_gen}")
+    common.set_cpu_threads(args.threads)
+    dist = common.init_distributed(args.device)
+    device = dist.device
+    dtype = common.resolve_dtype(args.dtype, device)
+    if dtype == torch.float16:
+        raise ValueError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
+    common.seed_everything(args.seed, dist.rank)
+    gad = args.gad_weight > 0
+    batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
+
+    # models: teacher frozen; generator G and fake score F initialised from it, fp32 weights
+    pipe = pipe if pipe is not None else common.load_pipeline("sana", args.model, torch.float32)
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.text_encoder.to(dtype)
+    teacher = pipe.transformer
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    opt_g = torch.optim.Adam(student.parameters(), lr=args.lr, betas=tuple(args.betas))
+    opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=tuple(args.betas))
+    start, ckpt_path = 0, common.resolve_resume(args.resume, args.out)
+    if ckpt_path:
+        start = common.load_checkpoint(ckpt_path, {"student": student, "fake": fake}, {"g": opt_g, "f": opt_f})["step"]
+    G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
+
+    # prompts: embeddings cached on the CPU for lists up to 512 prompts
+    prompts = common.read_prompts(args.prompts)
+    cache = pipe.__dict__.setdefault("_prompt_cache", {})  # survives in-process reruns on the same pipe (tests)
+
+    def encode(batch):
+        if len(prompts) > 512:
+            return common.encode(pipe, "sana", batch, device)
+        for p in sorted(set(batch) - cache.keys()):
+            cache[p] = tuple({k: v.cpu() for k, v in c.items()} for c in common.encode(pipe, "sana", [p], device))
+        return tuple(common.cat(*[cache[p][j] for p in batch]) for j in (0, 1))
+
+    def to_dev(c):
+        return {k: v.to(device) for k, v in c.items()}
+
+    grid_prompts = prompts[:4]
+    gen = torch.Generator().manual_seed(1234)  # fixed grid noise, same every time, outside the global RNG
+    z_grid = torch.randn(common.latent_shape(pipe, 4 * len(grid_prompts)), generator=gen).to(device)
+    grid_noises = [torch.randn(z_grid.shape, generator=gen).to(device) for _ in args.t_gen[1:]]
+    grid_cond = to_dev(encode([p for p in grid_prompts for _ in range(4)])[0])
+    side_px = common.latent_shape(pipe, 1)[-1] * pipe.vae_scale_factor
+    ac = common.autocast(device, dtype)
+
+    def save_samples(step):
+        with torch.no_grad(), ac:
+            x = rollout(student, z_grid, grid_cond, args.t_gen, len(args.t_gen), noises=grid_noises)
+        common.save_grid(common.decode(pipe, x), os.path.join(args.out, f"samples_{step:06d}.png"), nrow=4)
+
+    def save_ckpt(step):
+        common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": student, "fake": fake},
+                               {"g": opt_g, "f": opt_f}, step, args)
+
+    logger = common.Logger(args.out, args.steps, start, dist.is_main)
+    times, last = [], {}
+    rss0 = rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    B = args.batch_size
+    for step in range(start + 1, args.steps + 1):
+        # 0. a batch of prompts, initial noise z, the generator step k ~ U{1..K}
+        idx = torch.randint(len(prompts), (B,)).tolist()
+        cond, uncond = (to_dev(c) for c in encode([prompts[i] for i in idx]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        z = torch.randn(common.latent_shape(pipe, B), device=device)
+        k = int(torch.randint(1, len(args.t_gen) + 1, ()))
+
+        # 1. generator sample x_g = D_k, only step k in the graph
+        with ac:
+            x_g = rollout(G, z, cond, args.t_gen, k)
+
+        # 2. generator update: SiD loss at x_t = (1 - sigma) x_g + sigma eps, plus lambda L_GAD (Eq. 7, 9)
+        sigma = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
+        eps = torch.randn_like(z)
+        v_dir = torch.randn_like(z)  # drawn even without GAD: runs with and without it see the same k, sigma, eps
+        last = generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir if gad else None, cond, uncond,
+                                batched, ac)
+
+        # 3. fake-score update on sg(x_g) at a fresh sigma, eps
+        sigma_f = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
+        eps_f = torch.randn_like(z)
+        with ac:
+            v_F = velocity(F, renoise(x_g.detach(), eps_f, sigma_f), sigma_f, cond, *fake_guidance(args, uncond))
+        loss_fake = fake_score_loss(v_F, eps_f, x_g)
+        common.check_finite(step, loss_fake=loss_fake)
+        opt_f.zero_grad(set_to_none=True)
+        loss_fake.backward()
+        opt_f.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+
+        # logging, samples, checkpoints (rank 0)
+        last["loss_fake"] = loss_fake.item()
+        if dist.is_main and (step % args.log_every == 0 or step == args.steps):
+            logger.log(step, k=k, sec=times[-1], **last)
+        if dist.is_main and args.sample_every and step % args.sample_every == 0:
+            save_samples(step)
+        if dist.is_main and step % args.ckpt_every == 0 and step != args.steps:
+            save_ckpt(step)
+        logger.update()
+    logger.close()
+
+    # end: checkpoint, curves, samples, export, eval (rank 0)
+    result = dict(last, step=args.steps, step_time_median=statistics.median(times) if times else float("nan"))
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # process peak RSS above the RSS at the start of the loop (CPU: a coarse proxy for peak memory)
+        result["rss_peak_delta_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    if dist.is_main:
+        save_ckpt(args.steps)
+        if args.sample_every:
+            common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
+            if args.steps % args.sample_every:  # else already saved in the loop
+                save_samples(args.steps)
+        if args.export:
+            result["pipeline"] = common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"),
+                                                        scheduler=export_scheduler())
+            result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
+        if args.eval:
+            result.update(evaluate(args, pipe, student, grid_prompts, encode, to_dev, device))
+        common.print0(result)
+    common.barrier()
+    common.cleanup()
+    return result
+
+
+@torch.no_grad()
+def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
+    """Geometry of the student's 4-step map z -> x0 (fresh noises held fixed) against the teacher's
+    multi-step ODE map (common.geometry_metrics, exact JVPs in fp32), and seed diversity of raw latents."""
+    cond, uncond = (to_dev(c) for c in encode(prompts))
+    gen = torch.Generator().manual_seed(99)
+    z = torch.randn(common.latent_shape(pipe, len(prompts)), generator=gen).to(device)
+    noises = [torch.randn(z.shape, generator=gen).to(device) for _ in args.t_gen[1:]]
+    K, T = len(args.t_gen), pipe.transformer
+
+    def phi_s(x):
+        return rollout(student, x, cond, args.t_gen, K, noises=noises)
+
+    def phi_t(x):
+        return teacher_sample(T, x, cond, uncond, args.cfg, args.eval_teacher_steps)
+
+    with torch.enable_grad():
+        geo = common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0, mode="exact")
+    n = 4  # seeds per prompt
+    c4, u4 = (to_dev(c) for c in encode([p for p in prompts for _ in range(n)]))
+    z4 = torch.randn(common.latent_shape(pipe, n * len(prompts)), generator=gen).to(device)
+    xs = rollout(student, z4, c4, args.t_gen, K, generator=gen)
+    xt = teacher_sample(T, z4, c4, u4, args.cfg, args.eval_teacher_steps)
+    div = {f"diversity_{k}": common.diversity(x.view(len(prompts), n, -1)) for k, x in (("student", xs), ("teacher", xt))}
+    return {**{f"eval_{k}": v for k, v in geo.items()}, **div}
+
+
+if __name__ == "__main__":
+    train(common.parse(Args))
