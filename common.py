@@ -341,7 +341,9 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
         raise ValueError(f"unknown family {family!r}; one of {sorted(FAMILIES)}")
     cls_name, denoiser, _ = FAMILIES[family]
     if is_tiny(model):
-        pipe = TINY[family]()
+        with torch.random.fork_rng(devices=[]):  # the same random weights every time; caller's RNG untouched
+            torch.manual_seed(0)
+            pipe = TINY[family]()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:

@@ -174,3 +174,12 @@ def test_autocast_and_scaler_policy():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     with common.autocast(cpu, torch.float32):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_tiny_pipelines_are_reproducible_and_leave_the_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = common.load_pipeline("sd21", "tiny")
+    assert torch.equal(torch.get_rng_state(), state)
+    b = common.load_pipeline("sd21", "tiny")
+    assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
