@@ -28,6 +28,14 @@ moves the student's sample towards the teacher's response and away from the fake
 the sign would flip (Delta eps = (h v - alpha Delta x0)/sigma); the released code's derivative-space target
 (student + Delta_teacher - Delta_fake) agrees with the x0 reading. tests/test_gad_tdm.py checks the direction.
 
+Which parameters Eq. 9 moves (--gad-path). As printed, the GAD vector reaches theta only through dx_tau/dtheta,
+which does not depend on v. To first order in h the vector is (J_fake - J_real) v: zero-mean over v ~ N(0, I).
+Averaged over directions, the printed Eq. 9 pushes only through curvature (an O(h) term) and otherwise adds
+zero-mean noise (tests check this on linear maps). The released code drives the student's own response
+S(x_tau + h v, tau) - S(x_tau, tau) with the same vector instead: a first-order push of the student's Jacobian
+towards teacher minus fake. `--gad-path xtau` (default, the paper) or `response` (released code; one more
+student forward with grad).
+
 Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
 size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
 Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into lambda): its signal scales
@@ -42,6 +50,7 @@ rest of the step in bf16.
 Deviations (each marked `# DEVIATION:` at its line):
   - Gradient of GAD reaches theta through x_tau (Eq. 9). The released code instead matches the student's own
     x0 response, taken between mismatched inputs (x_tau + delta at tau vs x_t at t), Huber-normalised.
+    --gad-path response takes that path with matched inputs and our surrogate (no Huber normalisation).
   - v ~ N(0, I) (paper). The released code uses a unit-norm direction: --gad-direction unit.
   - Finite differences in fp32; the released code casts x_tau + delta to fp16, which loses most of it.
   - h schedules of Table 9 are not specified beyond "increasing/decreasing linear": we use
@@ -64,6 +73,7 @@ Reload with:
   pipe = DiffusionPipeline.from_pretrained("runs/gad_tdm/pipeline")
   pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0)
 """
+import contextlib
 import copy
 import dataclasses
 import os
@@ -85,6 +95,7 @@ class Args:
     gad_t_range: Literal["all", "high", "mid", "low"] = "all"  # Table 8: all, tau > 600, 200-600, < 200
     gad_h_schedule: Literal["fixed", "increasing", "decreasing"] = "fixed"  # Table 9: h(tau)
     gad_direction: Literal["gaussian", "unit"] = "gaussian"  # v ~ N(0, I) (paper) or unit norm (released code)
+    gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_tau/dtheta (paper) or the student's response
     gad_fp32: bool = True  # run the finite-difference forwards in fp32 (METHODS section 0)
     # TDM (METHODS.md section 2, as the public TDM code runs it)
     timesteps: tuple[int, ...] = (899, 674, 449, 224)  # student steps, deterministic DDIM between them
@@ -268,6 +279,8 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed, dist.rank)
     if args.batch_size % dist.world_size or args.gad_h <= 0 or len(args.timesteps) < 1:
         raise ValueError("need batch_size divisible by world size, gad_h > 0 and at least one timestep")
+    if args.gad_path == "response" and args.gad_jvp == "exact" and dist.world_size > 1:
+        raise ValueError("--gad-path response with --gad-jvp exact runs forward-mode AD through DDP: use one process")
     B = args.batch_size // dist.world_size
 
     # models: frozen teacher, trainable student and fake score, both initialised from the teacher
@@ -352,14 +365,27 @@ def train(args: Args) -> dict:
             else:
                 with ac():
                     T_cfg, F_x0 = f_T(xt, 1), f_F(xt, 1)
+        backward = lambda loss: (scaler.scale(loss) if scaler else loss).backward()
+        opt_g.zero_grad(set_to_none=True)
         with ac():
             loss_tdm = tdm_generator_loss(x0_s, T_cfg, F_x0, args.huber_c)
-            if use_gad:  # Eq. 9 with Eq. 7's lambda; gradient reaches theta through x_tau
+            if use_gad and args.gad_path == "xtau":  # Eq. 9 with Eq. 7's lambda; gradient reaches theta via x_tau
                 gad, mismatch = gad_surrogate(x_tau, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = loss_tdm + args.gad_weight * gad
+        if use_gad and args.gad_path == "response":
+            # DEVIATION (released code's path): the same Eq. 9 vector drives the student's own response
+            # S(x_tau + h v, tau) - S(x_tau, tau) instead of x_tau. A second student forward, so the first
+            # backward accumulates without DDP's all-reduce.
+            with student_ddp.no_sync() if dist.world_size > 1 else contextlib.nullcontext():
+                backward(loss_g)
+            f_S = lambda x, n: predict(student_ddp, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
+            with fp32():
+                dS = responses(f_S, xt, v, h, args.gad_jvp)[1]
+            dS = dS / (h if args.gad_form == "jvp" else 1.0)
+            gad, mismatch = gad_surrogate(dS, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
+            loss_g = args.gad_weight * gad
         common.check_finite(step, loss_fake=loss_fake, loss_tdm=loss_tdm, gad=gad)
-        opt_g.zero_grad(set_to_none=True)
-        (scaler.scale(loss_g) if scaler else loss_g).backward()
+        backward(loss_g)
         if scaler:
             scaler.unscale_(opt_g)
         gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)

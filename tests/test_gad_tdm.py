@@ -83,6 +83,25 @@ def test_gad_surrogate_gradient_direction_agrees_with_the_tdm_gradient():
     assert paper.item() == pytest.approx(h * sur.item(), rel=1e-5)  # printed form = h x jvp form
 
 
+def test_eq9_through_x_tau_averages_out_over_v_but_the_response_path_does_not():
+    """Linear teacher/fake x0 maps A, B (no curvature). Via x_tau (Eq. 9 as printed) the gradient is (B - A) v / numel:
+    zero-mean over v ~ N(0, I), noise around nothing. Via the student's response W v (--gad-path response), the
+    gradient on W is (B - A) v v^T / numel, whose mean is (B - A) / d: a real first-order push on the Jacobian."""
+    torch.manual_seed(7)
+    d, n, h = 8, 20000, 1e-2
+    A, Bm = torch.randn(d, d), torch.randn(d, d)
+    v = torch.randn(n, d)
+    d_T, d_F = h * v @ A.T, h * v @ Bm.T
+    x = torch.zeros(n, d, requires_grad=True)
+    M.gad_surrogate(x, d_F, d_T, h, "jvp", torch.ones(1))[0].backward()
+    per_draw, mean = x.grad.norm(dim=1).mean() * n, x.grad.mean(0).norm() * n
+    assert mean < 0.03 * per_draw
+    W = torch.zeros(d, d, requires_grad=True)
+    d_S = h * v @ W.T
+    M.gad_surrogate(d_S / h, d_F, d_T, h, "jvp", torch.ones(1))[0].backward()
+    assert ((W.grad - (Bm - A) / d).norm() / ((Bm - A) / d).norm()).item() < 0.05
+
+
 def _f(net, cond, abar, tau, cfg=None, uncond=None):
     if cfg is None:
         return lambda x, n: M.predict(net, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
@@ -193,6 +212,8 @@ def test_bf16_step_runs_and_exact_jvp_mode_runs(tmp_path):
     m = M.train(M.Args(**TINY, steps=1, out=str(tmp_path / "exact"), gad_jvp="exact", gad_t_range="mid",
                        gad_h_schedule="increasing", gad_direction="unit", gad_form="paper"))
     assert torch.isfinite(torch.tensor(m["loss_tdm"]))
+    m = M.train(M.Args(**TINY, steps=1, out=str(tmp_path / "resp"), gad_path="response", gad_jvp="exact"))
+    assert m["gad_mismatch"] > 0
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -225,7 +246,7 @@ def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(ROOT, "gad_tdm.py"), "--model", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu",
-           "--sample-every", "1000", "--eval-teacher-steps", "2", "--out", str(tmp_path / "ddp")]
+           "--sample-every", "1000", "--eval-teacher-steps", "2", "--gad-path", "response", "--out", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["step"] for row in common.Logger.read(str(tmp_path / "ddp" / "metrics.jsonl"))] == [1, 2]
