@@ -188,6 +188,9 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
         scaler.load_state_dict(ckpt["scaler"])
     if restore_rng:
         _set_rng_state(ckpt["rng"])
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            # the file holds rank 0's streams: derive one per rank from it (exact resume is single-process only)
+            seed_everything(int(torch.randint(2**31, (1,))), torch_dist.get_rank())
     return ckpt
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Deviations (each also marked `# DEVIATION:` at its line):
   - DMD timesteps for the flow family: u ~ U{0.02..0.98} (DMD2's range) mapped through the shift-3 warp.
   - Diversity features are the raw latents unless --feature-model names a transformers vision model
     (the paper uses DINOv3-ViT-L and CLIP-ViT-L, N = 9 seeds).
-  - Multi-rank resume re-seeds each rank from (seed, rank, step): the checkpoint holds rank 0's RNG only.
+  - Multi-rank resume: common.load_checkpoint derives one RNG stream per rank from rank 0's saved state
 
 Commands:
   single GPU : python dpdmd.py                       # SD3.5-Medium, lambda = 0.05, k = 5
@@ -334,8 +334,6 @@ def train(args: Args, pipe=None) -> dict:
     if path:
         start = common.load_checkpoint(path, {"student": student, "fake": fake}, {"student": opt_s, "fake": opt_f},
                                        scaler)["step"]
-        if dist.world_size > 1:  # DEVIATION: the checkpoint holds rank 0's RNG; give each rank its own stream
-            common.seed_everything(args.seed + 7919 * start, dist.rank)
         common.print0(f"resumed from {path} at step {start}")
     student_d, fake_d = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     feat_model = None
