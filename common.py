@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-# ----------------------------------------------------------------------------------------------
-# CLI: an argparse parser generated from a dataclass. A field's help is its trailing comment:
+# ==== CLI: an argparse parser generated from a dataclass. A field's help is its trailing comment:
 #     lr: float = 4e-6  # learning rate (Table 11)
 # Bools become --flag / --no-flag; Literal types become choices; tuples take several values.
 
@@ -63,8 +62,7 @@ def parse(cls, argv=None):
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()}
     return cls(**values)
 
-# ----------------------------------------------------------------------------------------------
-# Device, precision, seeding
+# ==== Device, precision, seeding
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -99,8 +97,7 @@ def set_cpu_threads(n: int = 0) -> None:
     if n > 0:
         torch.set_num_threads(n)
 
-# ----------------------------------------------------------------------------------------------
-# Distributed (torchrun). A plain `python file.py` gets world_size 1 and no process group.
+# ==== Distributed (torchrun). A plain `python file.py` gets world_size 1 and no process group.
 
 def init_distributed(device_name: str = "auto") -> SimpleNamespace:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -134,14 +131,11 @@ def cleanup() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: one dict {models, optimizers, scaler, step, args, rng}, written atomically.
+# ==== Checkpoints: one dict {models, optimizers, scaler, step, args, rng}, written atomically.
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
@@ -152,26 +146,18 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, scaler=None, extra=None) -> None:
     """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file."""
-    ckpt = {
-        "models": {k: unwrap(m).state_dict() for k, m in models.items()},
-        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "step": step,
-        "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args,
-        "rng": _rng_state(),
-        "extra": extra,
-    }
+    ckpt = {"models": {k: unwrap(m).state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, "rng": _rng_state(), "extra": extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 def resolve_resume(resume: str, out_dir: str) -> str | None:
     """'' -> None; 'latest' -> out_dir/ckpt.pt if it exists; otherwise the path, which must exist."""
-    if not resume:
-        return None
     path = os.path.join(out_dir, "ckpt.pt") if resume == "latest" else resume
-    if resume == "latest" and not os.path.exists(path):
+    if not resume or (resume == "latest" and not os.path.exists(path)):
         return None
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
@@ -193,13 +179,11 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
             seed_everything(int(torch.randint(2**31, (1,))), torch_dist.get_rank())
     return ckpt
 
-# ----------------------------------------------------------------------------------------------
-# Logging: tqdm bar, metrics.jsonl, loss curves, image grids (rank 0 only).
+# ==== Logging: tqdm bar, metrics.jsonl, loss curves, image grids (rank 0 only).
 
 class Logger:
     def __init__(self, out_dir: str, total: int, start: int = 0, enabled: bool = True, desc: str = "train"):
         from tqdm.auto import tqdm
-
         self.enabled, self.path = enabled, os.path.join(out_dir, "metrics.jsonl")
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
@@ -238,7 +222,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     """One subplot per logged scalar against step."""
     plt = _pyplot()
     rows = Logger.read(jsonl_path)
-    keys = sorted({k for r in rows for k in r if k != "step"})
+    keys = sorted({k for r in rows for k in r} - {"step"})
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -266,8 +250,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-# ----------------------------------------------------------------------------------------------
-# Prompts
+# ==== Prompts
 
 PROMPTS = [
     "a photo of a red fox sitting in fresh snow", "a watercolor painting of a lighthouse at dawn",
@@ -286,23 +269,17 @@ def read_prompts(path: str = "") -> list:
         raise ValueError(f"--prompts {path}: no non-empty lines")
     return prompts
 
-# ----------------------------------------------------------------------------------------------
-# Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
+# ==== Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
 # Real: DiffusionPipeline.from_pretrained(hub id or local dir). Tiny: the same pipeline class
 # assembled from small configs with random weights and offline tokenizers.
 
-FAMILIES = {
-    "sd21": ("StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1-base"),
-    "pixart": ("PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-512x512"),
-    "sana": ("SanaPipeline", "transformer", "Efficient-Large-Model/Sana_600M_512px_diffusers"),
-    "sd3": ("StableDiffusion3Pipeline", "transformer", "stabilityai/stable-diffusion-3.5-medium"),
-    "sdxl": ("StableDiffusionXLPipeline", "unet", "stabilityai/stable-diffusion-xl-base-1.0"),
-}
-PIPELINE_KWARGS = {  # what a stock __call__ needs for our pipelines (no binning, no caption cleaning)
-    "sd21": {}, "sd3": {}, "sdxl": {},
-    "pixart": {"use_resolution_binning": False, "clean_caption": False},
-    "sana": {"use_resolution_binning": False, "clean_caption": False},
-}
+FAMILIES = {"sd21": ("StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1-base"),
+            "pixart": ("PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-512x512"),
+            "sana": ("SanaPipeline", "transformer", "Efficient-Large-Model/Sana_600M_512px_diffusers"),
+            "sd3": ("StableDiffusion3Pipeline", "transformer", "stabilityai/stable-diffusion-3.5-medium"),
+            "sdxl": ("StableDiffusionXLPipeline", "unet", "stabilityai/stable-diffusion-xl-base-1.0")}
+_NO_BINNING = {"use_resolution_binning": False, "clean_caption": False}
+PIPELINE_KWARGS = {"sd21": {}, "sd3": {}, "sdxl": {}, "pixart": _NO_BINNING, "sana": _NO_BINNING}  # for a stock __call__
 
 def is_tiny(model: str) -> bool:
     return model == "tiny" or model.startswith("tiny-")
@@ -320,11 +297,9 @@ def _check_reachable(model_id: str) -> None:
             return
         except OSError as e:
             reason = f"the hub is unreachable ({e.__class__.__name__})"
-    raise FileNotFoundError(
-        f"Model '{model_id}' is not a local directory, not in the Hugging Face cache, and {reason}.\n"
-        f"Download it on a machine with network (huggingface-cli download {model_id} --local-dir DIR) "
-        f"and pass --model DIR, or pass --model tiny for the random-weight CPU model."
-    )
+    raise FileNotFoundError(f"Model '{model_id}' is not a local directory, not in the Hugging Face cache, and {reason}.\n"
+                            f"Download it on a machine with network (huggingface-cli download {model_id} --local-dir DIR)"
+                            f" and pass --model DIR, or pass --model tiny for the random-weight CPU model.")
 
 def _check_tokenizers(pipe, model_id: str) -> None:
     """transformers returns a near-empty tokenizer (2-104 tokens) for an unreachable id. Refuse it."""
@@ -497,8 +472,7 @@ def _tiny_sdxl():
 
 TINY = {"sd21": _tiny_sd21, "pixart": _tiny_pixart, "sana": _tiny_sana, "sd3": _tiny_sd3, "sdxl": _tiny_sdxl}
 
-# ----------------------------------------------------------------------------------------------
-# Prompt encoding: the pipeline's own encode_prompt, returned as keyword arguments for the
+# ==== Prompt encoding: the pipeline's own encode_prompt, returned as keyword arguments for the
 # denoiser's forward (cond, uncond), so a method file calls `model(x, timestep=t, **cond)`.
 
 def encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 0) -> tuple:
@@ -561,8 +535,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
         z = z + vae.config.shift_factor
     return vae.decode(z).sample.float()
 
-# ----------------------------------------------------------------------------------------------
-# Shared metrics
+# ==== Shared metrics
 
 def jvp(f, z: torch.Tensor, v: torch.Tensor, mode: str = "exact", h: float = 1e-3) -> torch.Tensor:
     """J_f(z) v in fp32. 'exact': forward-mode AD (torch.func.jvp, math attention kernel);
@@ -598,9 +571,8 @@ def geometry_metrics(phi_s, phi_t, z: torch.Tensor, n_dirs: int = 4, seed: int =
         v = torch.randn(z.shape, generator=g).to(z.device)
         rs, rt = jvp(phi_s, z, v, mode, h).flatten(1), jvp(phi_t, z, v, mode, h).flatten(1)
         cos.append(torch.nn.functional.cosine_similarity(rs, rt, dim=1))
-        nt = rt.norm(dim=1)
-        ratio.append(rs.norm(dim=1) / nt.clamp_min(1e-30))
-        norm_t.append(nt)
+        norm_t.append(rt.norm(dim=1))
+        ratio.append(rs.norm(dim=1) / norm_t[-1].clamp_min(1e-30))
         ps, pt = _power_spectrum(rs.view_as(z)), _power_spectrum(rt.view_as(z))
         kl.append((pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(1))
         mse.append((rs - rt).pow(2).mean(1))
@@ -616,8 +588,7 @@ def diversity(features: torch.Tensor) -> float:
     if features.ndim != 3 or features.shape[1] < 2:
         raise ValueError(f"diversity needs features of shape (P, N >= 2, D), got {tuple(features.shape)}")
     f = torch.nn.functional.normalize(features.float().flatten(2), dim=-1)
-    sim = f @ f.transpose(1, 2)
-    n = f.shape[1]
+    sim, n = f @ f.transpose(1, 2), f.shape[1]
     mean_offdiag = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
     return (1 - mean_offdiag).mean().item()
 
