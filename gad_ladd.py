@@ -303,8 +303,11 @@ def load_data(args, device) -> dict:
     if missing:
         raise FileNotFoundError(f"{d}: {len(missing)} of {n_shards} shards missing; run --stage data")
     with open(os.path.join(d, "meta.json")) as f:
-        if json.load(f)["h"] != args.h:
-            raise ValueError(f"{d} was made with another h than --h {args.h}")
+        meta = json.load(f)
+    keys = ("model", "n_data", "shard_size", "h", "cfg", "seed")  # not teacher_steps: --eval may use fewer for its map
+    bad = sorted(k for k in keys if meta.get(k) != getattr(args, k))
+    if bad:
+        raise ValueError(f"{d} holds data made with other settings ({bad}); pass another --data-dir or remake it")
     return [torch.load(shard_path(d, s), map_location="cpu", mmap=True) for s in range(n_shards)]  # lazy, memory-mapped
 
 
@@ -522,12 +525,12 @@ def train(args) -> dict:
         batch = get_batch(shards, idx, device, args.shard_size)
         row = train_step(S_ddp, heads_ddp, unet, opt_g, opt_d, scaler, batch, args, ctx, ab, pt)  # 2.-3. G then D
         common.check_finite(step, **row)
-        if step % args.log_every == 0 or step == args.steps:
+        if (args.log_every and step % args.log_every == 0) or step == args.steps:
             log.log(step, **row)
-        if dist.is_main and (step % args.sample_every == 0 or step == args.steps):
+        if dist.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
             save_samples(pipe, S, os.path.join(args.out, f"samples_{step:06d}.png"), device, ab, pt, prompts)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and (step % args.ckpt_every == 0 or step == args.steps):
+        if dist.is_main and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": S, "heads": heads},
                                    {"g": opt_g, "d": opt_d}, step, args, scaler)
         log.update()

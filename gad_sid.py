@@ -15,8 +15,9 @@ with eps written for s. With Delta eps = h v_dir + (1 - s) Delta v and Delta x0 
     Delta s_fake - Delta s_real = -(Delta eps_f - Delta eps_r) / s = ((1 - s) / s^2) (Delta x0_f - Delta x0_r).
     Delta x0_f - Delta x0_r = -s (Delta v_f - Delta v_r) = -(s / (1 - s)) (Delta eps_f - Delta eps_r).
 We use the x0-space direction D = w(s) (Delta x0_f - Delta x0_r) [/ h], the SiD weight w = 1 - s replacing the
-(1 - s)/s^2 score weight, so that D has the same orientation and scale as SiD's own direct gradient on x_g,
-w (y_f - y_r), and the released GAD code's (it pulls the student's x0 response toward Delta_T - Delta_F).
+(1 - s)/s^2 score weight, so that D is the change of SiD's own direct x_g-gradient w (y_f - y_r) between x_t + h v
+and x_t (the surrogate's gradient on x_g carries one more factor dx_t/dx_g = 1 - s), with the orientation of the
+released GAD code (it pulls the student's x0 response toward Delta_T - Delta_F).
 Surrogate: L_GAD = mean(sg(D) * x_t), whose gradient is D dx_t/dtheta (Eq. 9). Descending it moves x_t along
 Delta x0_real - Delta x0_fake. Read literally in eps, Eq. 9 has the opposite sign (the factor -s/(1 - s) above),
 so it would push against the base loss's own direction; tests check the orientation we use.
@@ -35,7 +36,7 @@ Deviations:
     - Eq. 9 read in score space (orientation of DMD/SiD and of the released GAD code), weighted by SiD's w(s)
       instead of (1 - s)/s^2; see above.  # DEVIATION marked at gad_direction()
     - --gad-form jvp (default) divides the differences by h as the released code does; Eq. 6/8/9 as printed
-      (--gad-form paper) is nearly inert at h = 1e-2 (signal ~ h^2).
+      (--gad-form paper) is h times weaker: its gradient is h x the jvp form's (1e-2 at h = 1e-2).
     - Adam betas (0, 0.999) as released SiD; the paper's App. D says AdamW (0.9, 0.999) for every backbone.
     - Finite differences always in fp32 (inputs, networks, outputs) even under bf16: the bf16 grid (2^-8)
       swallows an h = 1e-2 move. Under bf16 the pair [x_t, x_t + h v] is one extra fp32 no-grad forward.
@@ -276,6 +277,8 @@ def train(args: Args, pipe=None) -> dict:
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
 
     # models: teacher frozen; generator G and fake score F initialised from it, fp32 weights
+    # cuDNN/matmul TF32 would round the fp32 finite differences to a 10-bit mantissa (a 1e-2 move: ~5% noise)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     pipe = pipe if pipe is not None else common.load_pipeline("sana", args.model, torch.float32)
     pipe.to(device)
     if dtype != torch.float32:
@@ -301,8 +304,8 @@ def train(args: Args, pipe=None) -> dict:
             cache[p] = tuple({k: v.cpu() for k, v in c.items()} for c in common.encode(pipe, "sana", [p], device))
         return tuple(common.cat(*[cache[p][j] for p in batch]) for j in (0, 1))
 
-    def to_dev(c):
-        return {k: v.to(device) for k, v in c.items()}
+    def to_dev(c):  # fp32 embeddings: the fp32 finite-difference forwards run outside autocast
+        return common.cast({k: v.to(device) for k, v in c.items()}, torch.float32)
 
     grid_prompts = prompts[:4]
     gen = torch.Generator().manual_seed(1234)  # fixed grid noise, same every time, outside the global RNG

@@ -282,6 +282,8 @@ def train(args: Args) -> dict:
     if args.gad_path == "response" and args.gad_jvp == "exact" and dist.world_size > 1:
         raise ValueError("--gad-path response with --gad-jvp exact runs forward-mode AD through DDP: use one process")
     B = args.batch_size // dist.world_size
+    # cuDNN/matmul TF32 would round the fp32 finite differences to a 10-bit mantissa (a 1e-2 move: ~5% noise)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     # models: frozen teacher, trainable student and fake score, both initialised from the teacher
     pipe = common.load_pipeline("pixart", args.model, torch.float32)

@@ -265,3 +265,9 @@ def test_args_defaults_are_table11():
     a = gs.Args()
     assert (a.lr, a.steps, a.batch_size, a.gad_h, a.gad_weight, a.cfg) == (5e-6, 5000, 8, 1e-2, 1.0, 4.5)
     assert dataclasses.asdict(common.parse(gs.Args, ["--no-fake-cfg", "--gad-form", "paper"]))["fake_cfg"] is False
+
+
+def test_bf16_run_with_gad_and_eval(tmp_path):
+    """bf16 autocast with fp32 finite differences and fp32 eval (a fresh pipeline: bf16 casts its text encoder)."""
+    res = gs.train(tiny_args(tmp_path, steps=1, dtype="bf16", eval=True, eval_teacher_steps=2, prompts=""))
+    assert res["loss_gad"] == res["loss_gad"] and -1 <= res["eval_jvp_cos"] <= 1
