@@ -43,6 +43,7 @@ ckpt.pt and pipeline/ (DiffusionPipeline.from_pretrained(dir)(prompt, num_infere
 N = 4 for SD3, 1 for DMDX). loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
 """
 import copy
+import hashlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -453,6 +454,8 @@ def sample_grid(M, prompts, family, dev, path, evaluate=True, n_seeds=4):
 
 
 def train(args: Args) -> dict:
+    if args.pipeline == "dmdx" and args.resume not in ("", "latest"):
+        raise ValueError("--pipeline dmdx resumes each stage from its own directory: use --resume latest")
     try:  # one process group for both DMDX stages (re-initialising one under torchrun hangs)
         if args.pipeline == "single":
             return train_stage(args)
@@ -509,7 +512,9 @@ def train_stage(args: Args) -> dict:
             M.G_u.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["models"]["G"])
     M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
     M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
-    prompts, pair_dir = common.read_prompts(args.prompts), os.path.join(args.out, "pairs")
+    prompts = common.read_prompts(args.prompts)  # pairs live in a directory named by the settings that made them
+    key = "|".join(map(str, [model, args.pairs, args.shard_size, args.pair_steps, args.pair_cfg, args.seed, *prompts]))
+    pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])
     if args.stage == "adp":
         make_pairs(pipe, teacher, M.sch, family, prompts, args, pair_dir, dist)
         Z, X0, pair_prompts = load_pairs(pair_dir, math.ceil(args.pairs / args.shard_size))
@@ -527,15 +532,15 @@ def train_stage(args: Args) -> dict:
         common.check_finite(step, **out)
         metrics = {k: float(v.detach()) for k, v in out.items()}
         logger.update()
-        if dist.is_main and (step % args.log_every == 0 or step == args.steps):
+        if dist.is_main and ((args.log_every and step % args.log_every == 0) or step == args.steps):
             logger.log(step, **metrics)
-        if dist.is_main and step % args.sample_every == 0:
+        if dist.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
             div = sample_grid(M, prompts, family, dev, os.path.join(args.out, f"grid_{step:06d}.png"), args.eval)
             if div is not None:
                 metrics["diversity"] = div
                 logger.log(step, diversity=div)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and (step % args.ckpt_every == 0 or step == args.steps):
+        if dist.is_main and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, M.opt, step, args, M.scaler,
                                    extra={"stage": args.stage, "gen_steps": N})
         common.barrier()

@@ -236,7 +236,10 @@ def test_dmdx_sdxl_smoke_and_export(tmp_path):
     assert {"d_pix_fake", "d_pix_real"} <= set(rows[0])
     adp_g = torch.load(tmp_path / "adp" / "ckpt.pt", weights_only=False)["models"]["G"]
     assert torch.load(tmp_path / "adm" / "ckpt.pt", weights_only=False)["extra"]["gen_steps"] == 1
-    assert len(os.listdir(tmp_path / "adp" / "pairs")) == 2 and adp_g  # ODE pairs on disk, ADP generator saved
+    pair_dirs = [d for d in os.listdir(tmp_path / "adp") if d.startswith("pairs_")]  # named by the pairs' settings
+    assert len(pair_dirs) == 1 and len(os.listdir(tmp_path / "adp" / pair_dirs[0])) == 2 and adp_g
+    with pytest.raises(ValueError, match="resume latest"):  # a path would be fed to both stages
+        adm.train(_args(tmp_path, family="sdxl", pipeline="dmdx", resume=str(tmp_path / "adp" / "ckpt.pt")))
     # the ADM stage starts from the ADP generator, not from the teacher: one ADM step (lr 1e-7) moves it 10x less
     # than the ADP step (lr 1e-6) moved it away from the teacher
     adm_g = torch.load(tmp_path / "adm" / "ckpt.pt", weights_only=False)["models"]["G"]
