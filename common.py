@@ -497,7 +497,7 @@ def encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 
             return ({"encoder_hidden_states": c, "pooled_projections": cp},
                     {"encoder_hidden_states": u, "pooled_projections": up})
         if family == "sdxl":
-            c, u, cp, up = pipe.encode_prompt(prompts, device=device, negative_prompt=[""] * n)
+            c, u, cp, up = pipe.encode_prompt(prompts, device=device, negative_prompt=None)  # stock: zeros (force_zeros...)
             res = pipe.unet.config.sample_size * pipe.vae_scale_factor
             ids = torch.tensor([[res, res, 0, 0, res, res]], device=device, dtype=c.dtype).repeat(n, 1)
             return ({"encoder_hidden_states": c, "added_cond_kwargs": {"text_embeds": cp, "time_ids": ids}},

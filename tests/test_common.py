@@ -183,3 +183,11 @@ def test_tiny_pipelines_are_reproducible_and_leave_the_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     b = common.load_pipeline("sd21", "tiny")
     assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_sdxl_unconditional_branch_is_the_stock_one():
+    """Stock SDXL (force_zeros_for_empty_prompt) uses zero embeddings for the empty negative prompt."""
+    pipe = common.load_pipeline("sdxl", "tiny")
+    assert pipe.config.force_zeros_for_empty_prompt
+    _, uncond = common.encode(pipe, "sdxl", ["a red fox"], "cpu")
+    assert uncond["encoder_hidden_states"].abs().max() == 0 and uncond["added_cond_kwargs"]["text_embeds"].abs().max() == 0
