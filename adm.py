@@ -480,7 +480,7 @@ def train_stage(args: Args) -> dict:
     N = args.gen_steps or (4 if family == "sd3" else 1)
     lr_g = args.lr_g or (1e-6 if args.stage == "adp" or family == "sd3" else 1e-7)  # App. B.5
     # models: generator G <- F, fake f <- F (ADM), D = frozen teacher F + trainable heads
-    pipe = common.load_pipeline(family, model, dtype).to(dev)
+    pipe = common.load_pipeline(family, model, torch.float32).to(dev)  # fp32 so the trainable copies are exact
     teacher = getattr(pipe, pipe.denoiser_name)
     M = type("Models", (), dict(pipe=pipe, teacher=teacher, shape=common.latent_shape(pipe, args.batch_size)))()
     M.sch = Schedule(family, export_scheduler(pipe, family), args.ode_dt)
@@ -502,6 +502,8 @@ def train_stage(args: Args) -> dict:
     if args.stage == "adm":
         M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train()
         models["fake"], M.opt["fake"] = M.fake_u, adamw(M.fake_u, args.lr_fake)
+    if dtype != torch.float32:  # frozen parts (teacher = D backbone, text encoders, VAE) in the compute dtype
+        pipe.to(dtype=dtype)
     # resume (exact: models, optimizers, RNG) or initialise G from another checkpoint (DMDX: the ADP generator)
     M.scaler, start, ckpt_path = common.make_scaler(dev, dtype), 0, common.resolve_resume(args.resume, args.out)
     if ckpt_path:  # models, optimizers and RNG (one stream per rank under torchrun: common.load_checkpoint)
