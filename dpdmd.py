@@ -4,6 +4,7 @@ A 4-step student is distilled from a multi-step teacher with two role-separated 
 regresses a teacher-derived target (the velocity from the noise z to the teacher's ODE state after k steps,
 or, for eps-prediction teachers, the teacher-implied x0 there), and its output is DETACHED before the remaining
 steps, which are trained with the DMD loss (DMD2 form). No GAN, no LPIPS, no stored teacher images.
+With lambda = 0 nothing is detached: that is the plain DMD baseline, trained through the whole rollout.
 
 Equation map (the paper's equations were lost in extraction; see ../shared/notes/METHODS.md §5):
   Eq. 1-2 (linear flow path, v = eps - x0)   -> Schedule.to_x0(), Schedule.step()
@@ -23,12 +24,14 @@ Deviations (each also marked `# DEVIATION:` at its line):
   - DMD timesteps for the flow family: u ~ U{0.02..0.98} (DMD2's range) mapped through the shift-3 warp.
   - Diversity features are the raw latents unless --feature-model names a transformers vision model
     (the paper uses DINOv3-ViT-L and CLIP-ViT-L, N = 9 seeds).
-  - Multi-rank resume: common.load_checkpoint derives one RNG stream per rank from rank 0's saved state
+  - Multi-rank resume: common.load_checkpoint derives one RNG stream per rank from rank 0's saved state, so
+    only single-process resume is exact.
 
 Commands:
   single GPU : python dpdmd.py                       # SD3.5-Medium, lambda = 0.05, k = 5
                python dpdmd.py --family sdxl         # SDXL x0 variant (App. C)
-               python dpdmd.py --div-weight 0        # plain DMD baseline; --no-detach: Fig. 5 ablation
+               python dpdmd.py --div-weight 0        # plain DMD baseline (no detach: DMD trains all steps)
+               python dpdmd.py --no-detach           # Fig. 5 ablation: lambda > 0, DMD also reaches step 1
   torchrun   : torchrun --nproc_per_node 8 dpdmd.py --batch-size 2
   CPU tiny   : python dpdmd.py --model tiny-sd3 --steps 12 --batch-size 2 --sample-every 6 --eval-every 6
 Expect: metrics.jsonl with fake_loss on fake iterations and dmd_loss/div_loss on student iterations, a
@@ -52,11 +55,11 @@ CFG_DEFAULT = {"sd3": 3.5, "sdxl": 8.0}  # Sec. 5.1 for SD3.5-M; DEVIATION: SDXL
 class Args:
     # DP-DMD hyperparameters (Sec. 5.1, Tables 3-4; update ratio, lr and clip from the authors' SD3.5 code)
     family: Literal["sd3", "sdxl"] = "sd3"  # sd3 = flow teacher (SD3.5-M); sdxl = eps teacher (App. C)
-    div_weight: float = 0.05  # lambda in Eq. 8 (Table 4); 0 = the plain DMD baseline
+    div_weight: float = 0.05  # lambda in Eq. 8 (Table 4); 0 = the plain DMD baseline (no detach, DMD on all steps)
     anchor_step: int = 5  # k: teacher ODE steps from z to the diversity anchor z_k (Table 3)
     teacher_steps: int = 30  # steps of the teacher's ODE sampler whose k-th state is the anchor
     cfg: float = -1.0  # teacher CFG for the anchor and the real score; -1 = family default (3.5 sd3, 8 sdxl)
-    detach: bool = True  # stop the DMD gradient at the first step's output (Sec. 4.2); --no-detach = Fig. 5 ablation
+    detach: bool = True  # with lambda > 0, stop DMD at the first step's output (Sec. 4.2); --no-detach = Fig. 5 ablation
     student_steps: int = 4  # student NFE (4 in all tables)
     fake_updates_per_student: int = 5  # fake-score updates between two student updates (authors' code)
     lr: float = 1e-5  # AdamW learning rate of student and fake score (Sec. 5.1)
@@ -219,13 +222,12 @@ def diversity_target(teacher, z, cond, uncond, w: float, sch: Schedule, k: int):
     return sch.to_x0(z_k, denoise(teacher, z_k, t_k, cond, uncond, w), a_k, s_k)
 
 
-def student_rollout(student, z, cond, sch: Schedule, detach: bool = True, first_grad: bool = True):
+def student_rollout(student, z, cond, sch: Schedule, detach: bool = True):
     """The student's few-step sampler. Returns (x_hat, first) where `first` is the first step's diversity
     prediction (v_theta(z, 1, c) for flow, its x0 for diffusion). With `detach` the first step's output is cut
     from the graph (Sec. 4.2), so the DMD loss on x_hat reaches only steps 2..n."""
     S = sch.student
-    with torch.set_grad_enabled(first_grad and torch.is_grad_enabled()):
-        out = denoise(student, z, S[0][0], cond)
+    out = denoise(student, z, S[0][0], cond)
     first = out if sch.flow else sch.to_x0(z, out, S[0][1], S[0][2])
     x = sch.step(z, out, S[0], S[1])
     if detach:
@@ -268,17 +270,24 @@ def features(x_lat, pipe, feat_model) -> torch.Tensor:
 def fake_loss(student, fake, z, cond, sch: Schedule):
     """Fake-score update: the pretraining loss (v or eps regression) on noised sg(student samples), t ~ U[0, T]."""
     with torch.no_grad():
-        x_hat = student_rollout(student, z, cond, sch, first_grad=False)[0]
+        x_hat = student_rollout(student, z, cond, sch)[0]
     t = sch.sample_t(z.shape[0], 0.0, 1.0, z.device)
     eps = torch.randn(x_hat.shape).to(z.device)
     alpha, sigma = sch.coeffs(t)
     return F.mse_loss(denoise(fake, alpha * x_hat + sigma * eps, t, cond), sch.target(x_hat, eps))
 
 
+def detaches(a: Args) -> bool:
+    """The first step is cut from the DMD loss only when the diversity loss trains it (lambda > 0, --detach):
+    lambda = 0 is plain DMD, whose gradient runs through the whole rollout."""
+    return a.detach and a.div_weight > 0
+
+
 def student_loss(student, teacher, fake, z, cond, uncond, w: float, sch: Schedule, a: Args) -> tuple:
-    """Eq. 8: L_DMD(x_hat) + lambda L_div(first step) -> (total, L_DMD, L_div). Real score with CFG w, fake without."""
+    """Eq. 8: L_DMD(x_hat) + lambda L_div(first step) -> (total, L_DMD, L_div). Real score with CFG w, fake without.
+    lambda = 0: plain DMD on the whole rollout; lambda > 0 with --detach: DMD on steps 2..n only (Sec. 4.2)."""
     target = diversity_target(teacher, z, cond, uncond, w, sch, a.anchor_step) if a.div_weight > 0 else None
-    x_hat, first = student_rollout(student, z, cond, sch, a.detach, first_grad=a.div_weight > 0 or not a.detach)
+    x_hat, first = student_rollout(student, z, cond, sch, detaches(a))
     t = sch.sample_t(z.shape[0], a.min_t, a.max_t, z.device)
     eps = torch.randn(x_hat.shape).to(z.device)
     alpha, sigma = sch.coeffs(t)
@@ -296,9 +305,10 @@ def student_loss(student, teacher, fake, z, cond, uncond, w: float, sch: Schedul
 
 
 def check_args(a: Args) -> None:
-    assert a.student_steps >= (2 if a.detach else 1), "--detach needs >= 2 student steps (DMD trains steps 2..n)"
+    assert a.student_steps >= (2 if detaches(a) else 1), "--detach needs >= 2 student steps (DMD trains steps 2..n)"
     assert 1 <= a.anchor_step <= a.teacher_steps, "--anchor-step must be in [1, --teacher-steps]"
-    assert a.div_weight >= 0 and a.fake_updates_per_student >= 0 and 0 <= a.min_t < a.max_t <= 1
+    assert a.fake_updates_per_student >= 1, "--fake-updates-per-student must be >= 1 (fake and student alternate)"
+    assert a.div_weight >= 0 and 0 <= a.min_t < a.max_t <= 1
     assert a.eval_seeds >= 2 and a.eval_prompts >= 1 and a.steps >= 1 and a.batch_size >= 1
 
 
