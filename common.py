@@ -328,12 +328,14 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
         if not os.path.isdir(model):
             _check_reachable(model)
         try:
-            pipe = getattr(diffusers, cls_name).from_pretrained(model, torch_dtype=dtype)
+            pipe = getattr(diffusers, cls_name).from_pretrained(model, dtype=dtype)
         except OSError as e:
             raise FileNotFoundError(f"could not load '{model}' as a {cls_name}: {e}\nPass --model /local/dir") from e
     _check_tokenizers(pipe, model)
     for m in pipe.components.values():
         if isinstance(m, torch.nn.Module):
+            if getattr(m, "dtype", dtype) != dtype:  # diffusers 0.42 loads SD3's transformer in fp32 whatever dtype says
+                m.to(dtype=dtype)
             m.eval().requires_grad_(False)
     pipe.denoiser_name = denoiser
     return pipe
@@ -530,9 +532,7 @@ def latent_shape(pipe, batch: int, resolution: int = 0) -> tuple:
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] with the pipeline's VAE (scaling and shift as the pipeline does)."""
     vae = pipe.vae
-    z = latents.to(vae.dtype) / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        z = z + vae.config.shift_factor
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     return vae.decode(z).sample.float()
 
 # ==== Shared metrics

@@ -191,3 +191,19 @@ def test_sdxl_unconditional_branch_is_the_stock_one():
     assert pipe.config.force_zeros_for_empty_prompt
     _, uncond = common.encode(pipe, "sdxl", ["a red fox"], "cpu")
     assert uncond["encoder_hidden_states"].abs().max() == 0 and uncond["added_cond_kwargs"]["text_embeds"].abs().max() == 0
+
+
+@pytest.mark.parametrize("family", sorted(common.TINY))
+def test_local_directory_loads_through_the_real_from_pretrained_path(family, tmp_path):
+    """The real face: `--model /local/dir` goes through <Pipeline>.from_pretrained (here a saved tiny pipeline)."""
+    common.load_pipeline(family, "tiny").save_pretrained(str(tmp_path))
+    ref = common.load_pipeline(family, "tiny")
+    pipe = common.load_pipeline(family, str(tmp_path), torch.bfloat16)
+    net, ref_net = getattr(pipe, pipe.denoiser_name), getattr(ref, ref.denoiser_name)
+    assert type(pipe) is type(ref) and pipe.denoiser_name == ref.denoiser_name
+    assert {q.dtype for q in net.parameters()} == {torch.bfloat16}  # the dtype asked for, also where diffusers ignores it
+    assert all(torch.equal(p.to(q.dtype), q) for p, q in zip(ref_net.parameters(), net.parameters()))
+    assert not any(p.requires_grad for p in net.parameters())
+    cond, _ = common.encode(pipe, family, ["a red fox"], "cpu")
+    c_ref, _ = common.encode(ref, family, ["a red fox"], "cpu")
+    assert torch.allclose(cond["encoder_hidden_states"].float(), c_ref["encoder_hidden_states"], atol=0.05)
