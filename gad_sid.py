@@ -191,7 +191,7 @@ def rollout(G, z, cond, t_gen, k: int, noises=None, generator=None) -> torch.Ten
 
 @torch.no_grad()
 def teacher_sample(T, z, cond, uncond, w: float, n: int, shift: float = 3.0) -> torch.Tensor:
-    """Teacher PF-ODE, Euler in sigma with SANA's shift 3 and CFG w: the multi-step reference map z -> x0."""
+    """Teacher PF-ODE, Euler in sigma with the scheduler's shift (SANA: 3) and CFG w: the multi-step reference map z -> x0."""
     s = torch.linspace(1, 0, n + 1, device=z.device)
     s = shift * s / (1 + (shift - 1) * s)
     x = z.float()
@@ -409,12 +409,14 @@ def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
     z = torch.randn(common.latent_shape(pipe, len(prompts)), generator=gen).to(device)
     noises = [torch.randn(z.shape, generator=gen).to(device) for _ in args.t_gen[1:]]
     K, T = len(args.t_gen), pipe.transformer
+    cfg = pipe.scheduler.config  # the teacher's own shift (SANA 600M: DPMSolver flow_shift 3; FlowMatchEuler: shift)
+    shift = cfg.get("flow_shift", 3.0) if cfg.get("use_flow_sigmas", False) else cfg.get("shift", 3.0)
 
     def phi_s(x):
         return rollout(student, x, cond, args.t_gen, K, noises=noises)
 
     def phi_t(x):
-        return teacher_sample(T, x, cond, uncond, args.cfg, args.eval_teacher_steps)
+        return teacher_sample(T, x, cond, uncond, args.cfg, args.eval_teacher_steps, shift)
 
     with torch.enable_grad():
         geo = common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0, mode="exact")
@@ -422,7 +424,7 @@ def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
     c4, u4 = (to_dev(c) for c in encode([p for p in prompts for _ in range(n)]))
     z4 = torch.randn(common.latent_shape(pipe, n * len(prompts)), generator=gen).to(device)
     xs = rollout(student, z4, c4, args.t_gen, K, generator=gen)
-    xt = teacher_sample(T, z4, c4, u4, args.cfg, args.eval_teacher_steps)
+    xt = teacher_sample(T, z4, c4, u4, args.cfg, args.eval_teacher_steps, shift)
     div = {f"diversity_{k}": common.diversity(x.view(len(prompts), n, -1)) for k, x in (("student", xs), ("teacher", xt))}
     return {**{f"eval_{k}": v for k, v in geo.items()}, **div}
 
