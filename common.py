@@ -213,14 +213,14 @@ class Logger:
     def close(self) -> None:
         self.bar.close()
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     return __import__("matplotlib.pyplot").pyplot
 
 def plot_curves(jsonl_path: str, png_path: str) -> None:
     """One subplot per logged scalar against step."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = Logger.read(jsonl_path)
     keys = sorted({k for r in rows for k in r} - {"step"})
     if not keys:
@@ -237,7 +237,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (N, C, H, W) in [-1, 1], C = 1 or 3 (extra channels are dropped). Rows of `nrow`."""
-    plt = _pyplot()
+    plt = pyplot()
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, :3]
     n, rows = x.shape[0], math.ceil(x.shape[0] / nrow)
     fig, axes = plt.subplots(rows, nrow, figsize=(1.8 * nrow, 1.8 * rows), squeeze=False)

@@ -4,26 +4,17 @@ Huang et al., "Restoring Initial Noise Sensitivity in Text-to-Image Distillation
 ICML 2026, arXiv 2606.01651. A v-prediction MLP teacher learns the 2D Swiss roll (40-step DDIM sampler). K-step
 students start from the teacher and regress its states at their timesteps, from a pool of precomputed teacher
 trajectories (teacher forcing); GAD adds Eq. 6 at the student's inputs x, with x' = x + h v.
-Equation map: Eq. 5-6 responses -> response(); Eq. 6 -> gad_loss(); Eq. 7 -> distil(); Table 1 metrics ->
-common.geometry_metrics (exact JVPs of the student's map z -> x0 against the teacher's 40-step map).
-
---gad-form paper: Eq. 6 as printed, differences Phi(x') - Phi(x) not divided by h. They are ~ h J v, so the
-term is ~ h^2 ||J_S v - J_T v||^2: its signal scales as lambda h^2, at the paper's h = 1e-2, lambda = 1 a 1e-4
-weight on a JVP match, inert here. --gad-form jvp (default): differences divided by h, a true finite-difference
-JVP match (as the released code does). --jvp exact: h J v by forward-mode AD instead of differences.
-Settings (ours; the paper gives none for the toy): data std ~1.3, arms 1.26 apart; off-manifold = farther than
-0.2 (3.3 noise std) from the noise-free curve; h = 0.1 (local at this scale; 1e-2 was for image latents);
-lambda = 0.3 (in the prototype's working range 0.1-1, not tuned further). A GAD step costs ~2x a pointwise
-one, so --extras trains two more students: pointwise_2x (pointwise continued for as many steps again: about
-GAD's wall time) and control (pointwise on x and x + h v: GAD's extra teacher labels, no difference term).
-To fit 60 s on 2 CPU cores the teacher is cheap (3k steps, batch 512, lr 1e-2; not cached).
-Deviations (the toy itself is ours): one fixed v per pool state, its teacher response precomputed, instead of
-a fresh v ~ N(0, I) every step (DEVIATION in make_pool).
-
-Commands: python swiss_roll.py (CPU, <= 60 s; --device cuda on a GPU);  python swiss_roll.py --seeds 3
---student-steps 1.  Expect (README, 3 seeds): at equal steps GAD has fewer off-manifold points and a higher JVP
-cosine than pointwise (clearest at 1 step); at equal wall time pointwise_2x matches it, so on this toy GAD acts
-as a training speed-up. Writes runs/swiss_roll/{swiss_roll.png, samples.npz, metrics.json}.
+Equation map: Eq. 5-6 -> response(), gad_loss(); Eq. 7 -> distil(); Table 1 -> common.geometry_metrics.
+--gad-form paper: Eq. 6 as printed, differences ~ h J v not divided by h, so the term scales as lambda h^2 (at the
+paper's h = 1e-2, lambda = 1: inert here). --gad-form jvp (default): divided by h, a finite-difference JVP match
+(as the released code does). --jvp exact: h J v by forward-mode AD instead of differences.
+Settings (ours): off-manifold = farther than 0.2 (3.3 noise std; arms 1.26 apart) from the noise-free curve;
+h = 0.1 (local at this scale; 1e-2 was for image latents); lambda = 0.3 (prototype range 0.1-1, not tuned); a cheap
+teacher (3k steps, not cached) to fit 60 s on 2 CPUs. --extras: pointwise_2x (equal wall time; a GAD step costs ~2x)
+and control (pointwise on x and x + h v, no difference term).
+Deviation: one fixed v per pool state, its teacher response precomputed, not a fresh v every step (make_pool).
+Commands: python swiss_roll.py (CPU, <= 60 s);  python swiss_roll.py --seeds 3 --student-steps 1.  Expect: fewer
+off-manifold points and a higher JVP cosine for GAD at equal steps; pointwise_2x matches it at equal time (README).
 """
 import copy
 import json
@@ -66,25 +57,21 @@ class Args:
     threads: int = 1  # CPU threads (0: CPU_THREADS or torch's default; 2 threads are no faster for this MLP)
     out: str = "runs/swiss_roll"  # output folder (figure, samples.npz, metrics.json)
 
-
 T = 1000  # DDPM discrete timesteps, linear betas 1e-4 .. 2e-2
 ALPHA_BAR = torch.cat([torch.cumprod(1 - torch.linspace(1e-4, 2e-2, T, dtype=torch.float64), 0), torch.ones(1)])
 SCALE = 0.2  # raw roll (radius 4.7 .. 14) -> std about 1.3, arms 1.26 apart
 TEACHER_TS = torch.cat([torch.linspace(T - 1, 0, 40).round().long(), torch.tensor([-1])])  # -1: clean (alpha_bar 1)
-
 
 def swiss_roll(n: int, noise: float, device) -> torch.Tensor:
     """n points of the 2D Swiss roll (angle 1.5 pi .. 4.5 pi), Gaussian noise, times SCALE."""
     s = 1.5 * math.pi * (1 + 2 * torch.rand(n, device=device))
     return (torch.stack([s * s.cos(), s * s.sin()], 1) + noise * torch.randn(n, 2, device=device)) * SCALE
 
-
 def dist_to_curve(x: torch.Tensor) -> torch.Tensor:
     """Distance of each point to the noise-free curve (5000 points, spacing < 6e-3: error < 3e-3)."""
     s = torch.linspace(1.5 * math.pi, 4.5 * math.pi, 5000, dtype=torch.float64, device=x.device)
     c = (torch.stack([s * s.cos(), s * s.sin()], 1) * SCALE).float()
     return torch.cat([torch.cdist(xb, c).min(1).values for xb in x.split(1000)])
-
 
 class MLP(torch.nn.Module):
     """v-prediction network v(x_t, t) for teacher and students: sin/cos features of t, 4 x 128 SiLU layers."""
@@ -100,7 +87,6 @@ class MLP(torch.nn.Module):
         f = (t.float() / T)[:, None] * self.freqs
         return self.net(torch.cat([x, f.sin(), f.cos()], 1))
 
-
 def ddim_step(net, x, t, s):
     """Deterministic DDIM step x_t -> x_s with a v-prediction (s = -1: to the clean sample x0)."""
     ab_t, ab_s = ALPHA_BAR.to(x.device)[t].float()[:, None], ALPHA_BAR.to(x.device)[s].float()[:, None]
@@ -109,13 +95,11 @@ def ddim_step(net, x, t, s):
     x0, eps = a_t * x - sig_t * v, sig_t * x + a_t * v
     return a_s * x0 + sig_s * eps
 
-
 def sample(net, x, ts):
     """Run DDIM through the timesteps ts (differentiable; wrap in no_grad where needed)."""
     for t, s in zip(ts[:-1], ts[1:]):
         x = ddim_step(net, x, t.view(1), s.view(1))
     return x
-
 
 def response(phi, x, v, h: float, jvp: str, form: str, phi_x=None, phi_xp=None):
     """Eq. 5-6: the response of phi to x' = x + h v. Printed form: phi(x') - phi(x) (exact: h J v).
@@ -126,18 +110,15 @@ def response(phi, x, v, h: float, jvp: str, form: str, phi_x=None, phi_xp=None):
         d = h * common.jvp(phi, x, v, "exact")
     return d / h if form == "jvp" else d
 
-
 def gad_loss(d_s, d_t):
     """Eq. 6: E || student response - sg(teacher response) ||^2 (sum over dims, mean over the batch)."""
     return (d_s - d_t.detach()).pow(2).sum(1).mean()
-
 
 def sliced_wasserstein(a, b, n_proj: int = 256, seed: int = 0):
     """Sliced W1 distance between two equal-size point sets (random directions, seeded)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.nn.functional.normalize(torch.randn(2, n_proj, generator=g), dim=0).to(a.device)
     return ((a @ w).sort(0).values - (b @ w).sort(0).values).abs().mean().item()
-
 
 def fit_teacher(args, dev):
     """Standard diffusion training: v-prediction loss at uniform t, fresh Swiss-roll samples each step."""
@@ -156,7 +137,6 @@ def fit_teacher(args, dev):
         opt.step(), sched.step()
     return net.requires_grad_(False).eval()
 
-
 @torch.no_grad()
 def make_pool(teacher, args, student_ts, dev):
     """Teacher forcing pool per student segment i: input x_i (teacher 40-step state at student time i), target
@@ -171,7 +151,6 @@ def make_pool(teacher, args, student_ts, dev):
                          t=student_ts[i].expand(args.pool), s=student_ts[i + 1].expand(args.pool)))
         x = y
     return {k: torch.cat([p[k] for p in pool]) for k in pool[0]}
-
 
 def distil(student, opt, pool, args, mode: str, iters: int):
     """Eq. 7: L = L_pointwise + lambda L_GAD (mode 'gad'), L_pointwise alone ('pointwise'), or L_pointwise on
@@ -193,7 +172,6 @@ def distil(student, opt, pool, args, mode: str, iters: int):
         loss.backward()
         opt.step()
     return copy.deepcopy(student).requires_grad_(False).eval()
-
 
 def run_seed(args, seed, dev):
     common.seed_everything(seed)
@@ -230,13 +208,10 @@ def run_seed(args, seed, dev):
         rows[n]["time_s"] = times[n]
     return rows, times, {k: v.cpu().numpy() for k, v in samples.items()}
 
-
 def plot(samples, rows, args, path):
     """Fig. 9: data, teacher (40 DDIM steps), pointwise and GAD students. Red: off-manifold points; for the
     students only their shortcuts (off where the teacher from the same z is on), orange: off for both."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     names, k = ["data", "teacher", "pointwise", "gad"], f"{args.student_steps} step{'s' * (args.student_steps > 1)}"
     off = {n: dist_to_curve(torch.from_numpy(samples[n])).numpy() > args.off_threshold for n in names}
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.5))
@@ -251,7 +226,6 @@ def plot(samples, rows, args, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
 
 def train(args) -> dict:
     if args.student_steps not in (1, 2, 4) or args.h <= 0 or args.lam < 0 or args.seeds < 1:
@@ -280,7 +254,6 @@ def train(args) -> dict:
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
-
 
 if __name__ == "__main__":
     train(common.parse(Args))
