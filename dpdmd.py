@@ -6,7 +6,7 @@ or, for eps-prediction teachers, the teacher-implied x0 there), and its output i
 steps, which are trained with the DMD loss (DMD2 form). No GAN, no LPIPS, no stored teacher images.
 With lambda = 0 nothing is detached: that is the plain DMD baseline, trained through the whole rollout.
 
-Equation map (the paper's equations were lost in extraction; see ../shared/notes/METHODS.md §5):
+Equation map (equation numbers as in the paper; the forms follow its text and the authors' public SD3.5 code):
   Eq. 1-2 (linear flow path, v = eps - x0)   -> Schedule.to_x0(), Schedule.step()
   Eq. 4-5 (DMD gradient, DMD2 form)          -> dmd_grad(), dmd_loss()
   Eq. 6   (teacher-derived velocity v*)      -> anchor_velocity(), teacher_rollout()

@@ -56,7 +56,7 @@ FAMILY = "sd21"
 
 @dataclass
 class Args:
-    # paper hyperparameters (Table 11, SD2.1 column; METHODS.md section 4 for the LADD/Nitro-1 parts)
+    # paper hyperparameters (Table 11, SD2.1 column; the LADD parts as AMD's Nitro-1 code runs them)
     lr: float = 1e-6  # student learning rate, AdamW (0.9, 0.999) (Table 11)
     lr_d: float = 1e-6  # discriminator-head learning rate (Nitro-1)
     steps: int = 100_000  # training iterations (Table 11)

@@ -8,7 +8,7 @@ SiD trains a 4-step generator against a frozen teacher and a fake score fitted t
 to a small move h v of the noisy sample x_t: the generator is pushed where the fake's response differs from
 the teacher's.
 
-Flow conventions (METHODS §0): x_s = (1 - s) x0 + s eps, the net predicts v = eps - x0, so from v:
+Flow conventions (SANA, SD3): x_s = (1 - s) x0 + s eps, the net predicts v = eps - x0, so from v:
     x0 = x_s - s v,   eps = x_s + (1 - s) v,   score = -eps / s.
 Eq. 9 in flow form. Eq. 9's (Delta eps_fake - Delta eps_real) is DMD's score-space gradient (s_fake - s_real)
 with eps written for s. With Delta eps = h v_dir + (1 - s) Delta v and Delta x0 = h v_dir - s Delta v:
@@ -30,7 +30,7 @@ Equation map:
     Eq. 9  (score-form GAD gradient)               -> gad_direction(), gad_surrogate()
     Eq. 10 (Delta eps = eps(x_t + h v) - eps(x_t)) -> gad_delta() (fd pair or exact JVP), x0 form
     Eq. 6/8 scaling (--gad-form paper: differences not divided by h)  -> gad_direction()
-    SiD generator loss (METHODS §3)                -> sid_generator_loss();  fake-score loss -> fake_score_loss()
+    SiD generator loss (Zhou et al. 2025)          -> sid_generator_loss();  fake-score loss -> fake_score_loss()
     SiD 4-step generator, fresh noise per step     -> rollout()
 Deviations:
     - Eq. 9 read in score space (orientation of DMD/SiD and of the released GAD code), weighted by SiD's w(s)
@@ -113,12 +113,12 @@ def sample_sigma(n: int, mean: float, std: float, device) -> torch.Tensor:
 
 
 def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """x_sigma = (1 - sigma) x0 + sigma eps (METHODS §0)."""
+    """x_sigma = (1 - sigma) x0 + sigma eps (flow matching)."""
     return (1 - bc(sigma)) * x0.float() + bc(sigma) * eps.float()
 
 
 def sid_generator_loss(y_r, y_f, x_g, sigma, alpha: float) -> torch.Tensor:
-    """SiD: mean of (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] w(sigma), w = 1 - sigma (METHODS §3)."""
+    """SiD: mean of (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] w(sigma), w = 1 - sigma (SiD as ml-sid-dit runs it)."""
     d = y_r - y_f
     return (d * ((y_r - x_g) - alpha * d) * (1 - bc(sigma))).mean()
 

@@ -10,7 +10,7 @@ a first-order term: at the same noisy point x_tau the teacher and fake predictio
 x_tau + h v, and the student is pushed by the difference of their *responses* (Eq. 9-10), so it inherits
 the teacher's sensitivity to its input instead of only its outputs.
 
-Equation map (GAD paper, METHODS.md section 2 for TDM):
+Equation map (GAD paper; TDM as Luo et al. 2025 and its public code run it):
   TDM student rollout, deterministic DDIM between t = 899, 674, 449, 224  -> sample()
   TDM re-noising inside a step's interval, mixed noise m, weight w        -> renoise(), importance_weight()
   TDM fake-score loss (SNR-clipped, importance-weighted x0 regression)   -> tdm_fake_loss()
@@ -41,8 +41,9 @@ size ||Delta J v||, which is what the released code does and so what produced th
 Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into lambda): its signal scales
 with h, so at h = 1e-2 it is nearly inert (a 2D prototype moved nothing with it).
 
-Precision. The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) it is mostly rounding noise
-(METHODS section 0). With --gad-fp32 (default) the forwards that feed a finite difference run in fp32 inputs,
+Precision. The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) it is mostly rounding noise. (The
+released code's unit-norm move, h/128 per element on 4x64x64 latents, is below fp16's spacing of ~1e-3 near 1, so its
+fp16 cast erases most of it.) With --gad-fp32 (default) the forwards that feed a finite difference run in fp32 inputs,
 weights and outputs, with the perturbed and unperturbed inputs batched into the one forward the base loss
 already makes (teacher: 4B = {x, x'} x {cond, uncond}; fake: 2B). Weights are kept in fp32; autocast does the
 rest of the step in bf16.
@@ -96,8 +97,8 @@ class Args:
     gad_h_schedule: Literal["fixed", "increasing", "decreasing"] = "fixed"  # Table 9: h(tau)
     gad_direction: Literal["gaussian", "unit"] = "gaussian"  # v ~ N(0, I) (paper) or unit norm (released code)
     gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_tau/dtheta (paper) or the student's response
-    gad_fp32: bool = True  # run the finite-difference forwards in fp32 (METHODS section 0)
-    # TDM (METHODS.md section 2, as the public TDM code runs it)
+    gad_fp32: bool = True  # run the finite-difference forwards in fp32 (see the docstring)
+    # TDM (Luo et al. 2025, as its public code runs it)
     timesteps: tuple[int, ...] = (899, 674, 449, 224)  # student steps, deterministic DDIM between them
     cfg: float = 4.5  # teacher guidance in the generator update
     huber_c: float = 1e-3  # pseudo-Huber constant of the generator loss
@@ -151,7 +152,7 @@ def teacher_x0(teacher, x, t, cond, uncond, w, abar):
 
 
 # ----------------------------------------------------------------------------------------------
-# TDM (METHODS.md section 2)
+# TDM (Luo et al. 2025, as its public code runs it)
 
 
 def renoise(x_mid, t_mid, tau, noise, abar):
