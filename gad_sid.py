@@ -51,6 +51,7 @@ Commands:
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
 losses are noise around small values; on SANA loss_sid turns negative and grids sharpen within ~1k steps.
 """
+import contextlib
 import copy
 import math
 import os
@@ -80,6 +81,7 @@ class Args:
     gad_h: float = 1e-2  # perturbation scale h (Table 11, SANA)
     gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 9 as printed
     gad_jvp: Literal["fd", "exact"] = "fd"  # fd: fp32 finite differences; exact: forward-mode AD
+    gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_t/dtheta (paper) or G's own response
     gad_batched: bool = True  # fp32 + fd: perturbed rows ride in the SiD teacher/fake forwards (fewest calls)
     model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, or 'tiny'
     out: str = "runs/gad_sid"  # output directory
@@ -222,9 +224,10 @@ def fake_guidance(args, uncond):
     return (uncond, args.cfg) if args.fake_cfg else (None, 1.0)
 
 
-def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, cond, uncond, batched, ac) -> dict:
+def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, cond, uncond, batched, ac, G=None) -> dict:
     """SiD generator loss at x_t = (1 - sigma) x_g + sigma eps with gradients reaching x_g directly and through
-    y_r, y_f (teacher and fake get none), plus lambda L_GAD (Eq. 7, 9); one optimiser step. Returns the losses."""
+    y_r, y_f (teacher and fake get none), plus lambda L_GAD (Eq. 7, 9); one optimiser step. Returns the losses.
+    --gad-path response needs the generator G: D then drives G's own x0 response at x_t instead of x_t."""
     h, (u_f, cfg_f) = args.gad_h, fake_guidance(args, uncond)
     fake.requires_grad_(False)
     x_t = renoise(x_g, eps, sigma)
@@ -249,7 +252,21 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
         out["gad_gap"] = D.abs().mean().item()  # mean |w (Delta x0_F - Delta x0_T)| [/h]
     common.check_finite(step, loss_sid=loss_sid, loss_gad=loss_gad)
     opt_g.zero_grad(set_to_none=True)
-    (loss_sid + args.gad_weight * loss_gad).backward()
+    if v_dir is not None and args.gad_path == "response":
+        # DEVIATION (the released TDM code's route): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sigma.
+        # Eq. 9 through x_t is zero-mean over v to first order; this is a first-order push on G's Jacobian.
+        # A second forward of G: the first backward accumulates without DDP's all-reduce.
+        with G.no_sync() if hasattr(G, "no_sync") else contextlib.nullcontext():
+            loss_sid.backward()
+        x, vd = x_t.detach().float(), v_dir.float()
+        with torch.autocast(x.device.type, enabled=False):  # finite differences only (see train())
+            y0, y1 = x0_pred(G, torch.cat([x, x + h * vd]), sigma.repeat(2), pair(cond)).chunk(2)
+            dS = y1 - y0
+        loss_gad = gad_surrogate(D, dS / h if args.gad_form == "jvp" else dS)
+        common.check_finite(step, loss_gad=loss_gad)
+        (args.gad_weight * loss_gad).backward()
+    else:
+        (loss_sid + args.gad_weight * loss_gad).backward()
     opt_g.step()
     fake.requires_grad_(True)
     return {"loss_sid": loss_sid.item(), "loss_gad": loss_gad.item(), **out}
@@ -272,6 +289,9 @@ def train(args: Args, pipe=None) -> dict:
     dtype = common.resolve_dtype(args.dtype, device)
     if dtype == torch.float16:
         raise ValueError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
+    if args.gad_path == "response" and args.gad_jvp == "exact":  # see gad_tdm.py: backprop through func.jvp is off
+        raise ValueError("--gad-path response needs --gad-jvp fd (back-propagating through torch.func.jvp gives wrong "
+                         "weight gradients; see gad_tdm.py)")
     common.seed_everything(args.seed, dist.rank)
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
@@ -349,7 +369,7 @@ def train(args: Args, pipe=None) -> dict:
         eps = torch.randn_like(z)
         v_dir = torch.randn_like(z)  # drawn even without GAD: runs with and without it see the same k, sigma, eps
         last = generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir if gad else None, cond, uncond,
-                                batched, ac)
+                                batched, ac, G)
 
         # 3. fake-score update on sg(x_g) at a fresh sigma, eps
         sigma_f = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)

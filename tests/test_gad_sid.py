@@ -271,3 +271,34 @@ def test_bf16_run_with_gad_and_eval(tmp_path):
     """bf16 autocast with fp32 finite differences and fp32 eval (a fresh pipeline: bf16 casts its text encoder)."""
     res = gs.train(tiny_args(tmp_path, steps=1, dtype="bf16", eval=True, eval_teacher_steps=2, prompts=""))
     assert res["loss_gad"] == res["loss_gad"] and -1 <= res["eval_jvp_cos"] <= 1
+
+
+def test_response_path_reaches_the_generator_through_its_own_response(pipe, conds, tmp_path):
+    """--gad-path response: the GAD vector D drives G's own x0 response, so GAD adds a gradient on G's weights;
+    teacher and fake get none; with the exact JVP it is refused (backprop through torch.func.jvp is off)."""
+    teacher, (cond, uncond) = pipe.transformer, conds
+    fake = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    z, eps, v_dir = (torch.randn(common.latent_shape(pipe, B), generator=torch.Generator().manual_seed(i)) for i in range(3))
+    grads = {}
+    for name, kw in [("base", {}), ("xtau", {}), ("response", dict(gad_path="response"))]:
+        args = tiny_args(tmp_path, **kw)
+        torch.manual_seed(0)
+        student = copy.deepcopy(teacher).requires_grad_(True)
+        x_g = gs.rollout(student, z, cond, args.t_gen, 2)
+        gs.generator_update(args, 1, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0), x_g,
+                            torch.tensor([0.4, 0.6]), eps, None if name == "base" else v_dir, cond, uncond, False,
+                            common.autocast(z.device, torch.float32), G=student)
+        grads[name] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    extra_resp, extra_xtau = grads["response"] - grads["base"], grads["xtau"] - grads["base"]
+    assert extra_resp.norm() > 1e-3 * grads["base"].norm() and (extra_resp - extra_xtau).norm() > 1e-3 * extra_resp.norm()
+    assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in fake.parameters())
+    with pytest.raises(ValueError, match="gad-jvp fd"):
+        gs.train(tiny_args(tmp_path, gad_path="response", gad_jvp="exact"), pipe=pipe)
+
+
+def test_response_path_smoke(pipe, tmp_path):
+    res = gs.train(tiny_args(tmp_path, steps=2, gad_path="response"), pipe=pipe)
+    assert res["loss_gad"] == res["loss_gad"] and res["gad_gap"] > 0
