@@ -469,6 +469,8 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
                         optimize(loss_g, S.parameters(), opt_g, scaler, a.clip)
                     else:
                         optimize(d_step(heads, unet, x0_hat, batch, a, ctx, ab)[0], heads.parameters(), opt_d, scaler, a.clip)
+            if scaler:  # as train_step: one update per G + D iteration (fp16)
+                scaler.update()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= 2:
