@@ -193,6 +193,21 @@ def test_adp_pair_shards_resume(tmp_path, sd3):
     assert again[2] == full[2]
 
 
+def _assert_export_reproduces_sampler(pipe_dir, family, n):
+    """The stock call pipe(prompt, num_inference_steps=n, guidance_scale=1.0) reproduces adm.rollout from the same z."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    lat = pipe("a red fox", num_inference_steps=n, guidance_scale=1.0, latents=z.clone(), height=128, width=128,
+               output_type="latent").images
+    sch = adm.Schedule(family, adm.export_scheduler(pipe, family), 1 / 64)
+    cond, _ = common.encode(pipe, family, ["a red fox"], "cpu")
+    net = pipe.transformer if family == "sd3" else pipe.unet
+    ours = adm.rollout(net, z, cond, sch, sch.gen_timesteps(n), n)
+    torch.testing.assert_close(lat.float(), ours, atol=1e-4, rtol=1e-4)
+
+
 def _args(tmp_path, **kw):
     base = dict(model="tiny", batch_size=2, steps=2, sample_every=100, ckpt_every=100, log_every=1, head_channels=32,
                 out=str(tmp_path))
@@ -200,7 +215,6 @@ def _args(tmp_path, **kw):
 
 
 def test_adm_sd3_smoke_export_and_resume(tmp_path):
-    from diffusers import DiffusionPipeline
 
     full = adm.train(_args(tmp_path / "full", sample_every=2))
     assert {"loss_g", "loss_d", "loss_fake", "dmd", "diversity"} <= set(full)
@@ -216,19 +230,10 @@ def test_adm_sd3_smoke_export_and_resume(tmp_path):
     for m in a:
         for n in a[m]:
             assert torch.equal(a[m][n], b[m][n]), (m, n)
-    # export: the stock pipeline call reproduces the training sampler (4 steps, no CFG)
-    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "full" / "pipeline"))
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    lat = pipe("a red fox", num_inference_steps=4, guidance_scale=1.0, latents=z.clone(), height=128, width=128,
-               output_type="latent").images
-    sch = adm.Schedule("sd3", adm.export_scheduler(pipe, "sd3"), 1 / 64)
-    cond, _ = common.encode(pipe, "sd3", ["a red fox"], "cpu")
-    ours = adm.rollout(pipe.transformer, z, cond, sch, sch.gen_timesteps(4), 4)
-    torch.testing.assert_close(lat.float(), ours, atol=1e-4, rtol=1e-4)
+    _assert_export_reproduces_sampler(tmp_path / "full" / "pipeline", "sd3", 4)  # 4 steps, no CFG
 
 
 def test_dmdx_sdxl_smoke_and_export(tmp_path):
-    from diffusers import DiffusionPipeline
 
     out = adm.train(_args(tmp_path, family="sdxl", pipeline="dmdx", steps=1, pairs=3, shard_size=2, pair_steps=2))
     assert {"loss_g", "loss_d", "loss_fake", "dmd"} <= set(out)
@@ -246,14 +251,7 @@ def test_dmdx_sdxl_smoke_and_export(tmp_path):
     teacher = common.load_pipeline("sdxl", "tiny").unet.state_dict()
     dist = lambda a, b: sum((a[k].float() - b[k].float()).pow(2).sum() for k in a).sqrt().item()
     assert dist(adm_g, adp_g) < 0.5 * dist(adp_g, teacher)
-    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "adm" / "pipeline"))
-    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    lat = pipe("a red fox", num_inference_steps=1, guidance_scale=1.0, latents=z.clone(), height=128, width=128,
-               output_type="latent").images
-    sch = adm.Schedule("sdxl", adm.export_scheduler(pipe, "sdxl"), 1 / 64)
-    cond, _ = common.encode(pipe, "sdxl", ["a red fox"], "cpu")
-    ours = adm.rollout(pipe.unet, z, cond, sch, sch.gen_timesteps(1), 1)
-    torch.testing.assert_close(lat.float(), ours, atol=1e-4, rtol=1e-4)
+    _assert_export_reproduces_sampler(tmp_path / "adm" / "pipeline", "sdxl", 1)
 
 
 def test_pixel_discriminator_grad_reaches_latents(sd3):
