@@ -514,10 +514,10 @@ def train_stage(args: Args) -> dict:
             M.G_u.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["models"]["G"])
     M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
     M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
-    prompts = common.read_prompts(args.prompts)  # pairs live in a directory named by the settings that made them
-    key = "|".join(map(str, [model, args.pairs, args.shard_size, args.pair_steps, args.pair_cfg, args.seed, *prompts]))
-    pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])
-    if args.stage == "adp":
+    prompts = common.read_prompts(args.prompts)
+    if args.stage == "adp":  # pairs live in a directory named by the settings that made them
+        key = "|".join(map(str, [model, args.pairs, args.shard_size, args.pair_steps, args.pair_cfg, args.seed, *prompts]))
+        pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])
         make_pairs(pipe, teacher, M.sch, family, prompts, args, pair_dir, dist)
         Z, X0, pair_prompts = load_pairs(pair_dir, math.ceil(args.pairs / args.shard_size))
     logger = common.Logger(args.out, args.steps, start, dist.is_main, desc=args.stage)
