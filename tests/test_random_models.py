@@ -3,6 +3,9 @@
 Sizes are checked on the meta device (no memory) against the published parameter counts; the PixArt denoiser
 is materialised on the CPU and run once at a small latent.
 """
+import json
+import os
+
 import diffusers
 import pytest
 import torch
@@ -17,15 +20,17 @@ PUBLISHED = {
     "pixart": {"transformer": 611 * M, "text_encoder": 4.76 * B, "vae": 83.7 * M},
     "sana": {"transformer": 0.59 * B, "text_encoder": 2.6 * B},
     "sd35m": {"transformer": 2.5 * B, "text_encoder": 123 * M, "text_encoder_2": 695 * M, "text_encoder_3": 4.76 * B},
-    "sd3m": {"transformer": 2.0 * B, "text_encoder": 123 * M, "text_encoder_2": 695 * M, "text_encoder_3": 4.76 * B},
     "sdxl": {"unet": 2.57 * B, "text_encoder": 123 * M, "text_encoder_2": 695 * M, "vae": 83.7 * M},
 }
 TOLERANCE = 0.05  # the published figures are rounded (SD3-Medium's "2B" is 2.09B of weights)
-VARIANT_OF = {"sd21": "sd21", "pixart": "pixart", "sana": "sana", "sd35m": "sd3", "sd3m": "sd3", "sdxl": "sdxl"}
+VARIANT_OF = {"sd21": "sd21", "pixart": "pixart", "sana": "sana", "sd35m": "sd3", "sdxl": "sdxl"}
 
 
 def n_weights(module: torch.nn.Module) -> int:
-    return sum(t.numel() for t in module.state_dict().values())
+    """Parameters (a tied one once, as in T5) plus persistent buffers."""
+    tied_names = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    buffers = sum(t.numel() for k, t in module.state_dict().items() if k not in tied_names)
+    return sum(p.numel() for p in module.parameters()) + buffers
 
 
 @pytest.mark.parametrize("variant", list(PUBLISHED))
@@ -48,6 +53,18 @@ def test_random_pipeline_on_meta_is_the_real_class_at_the_published_size(variant
             assert len(tok) <= enc.config.vocab_size
             kind = type(tok).__name__
             assert tok.model_max_length == (77 if kind.startswith("CLIP") else common.TEXT_MAX_LENGTH[family]), kind
+
+
+def test_sd3_medium_differs_from_sd35_medium_only_in_the_transformer():
+    """SD3-Medium (adm's default): the same VAE, text encoders and scheduler files as SD3.5-Medium, so only its
+    MMDiT is built here (on meta): no dual attention, no qk-norm, a 192x192 position table."""
+    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler"):
+        with open(os.path.join(common.CONFIGS, "sd3m", part + ".json")) as a, \
+             open(os.path.join(common.CONFIGS, "sd35m", part + ".json")) as b:
+            assert json.load(a) == json.load(b), part
+    net = common.random_denoiser("sd3", device="meta", dtype=torch.bfloat16, model="random-sd3m")
+    assert type(net).__name__ == "SD3Transformer2DModel" and net.config.dual_attention_layers == ()
+    assert abs(n_weights(net) / (2.0 * B) - 1) < TOLERANCE
 
 
 def test_random_names_choose_the_family_config_and_refuse_another_family():
