@@ -36,7 +36,9 @@ def n_weights(module: torch.nn.Module) -> int:
 @pytest.mark.parametrize("variant", list(PUBLISHED))
 def test_random_pipeline_on_meta_is_the_real_class_at_the_published_size(variant):
     family = VARIANT_OF[variant]
+    rng = torch.get_rng_state()
     pipe = common.load_pipeline(family, f"random-{variant}", torch.bfloat16, device="meta")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is left alone
     assert type(pipe) is getattr(diffusers, common.FAMILIES[family][0])
     denoiser = getattr(pipe, pipe.denoiser_name)
     assert type(denoiser).__name__ == {"sd21": "UNet2DConditionModel", "sdxl": "UNet2DConditionModel",
