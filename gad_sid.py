@@ -38,8 +38,10 @@ Deviations:
     - --gad-form jvp (default) divides the differences by h as the released code does; Eq. 6/8/9 as printed
       (--gad-form paper) is h times weaker: its gradient is h x the jvp form's (1e-2 at h = 1e-2).
     - Adam betas (0, 0.999) as released SiD; the paper's App. D says AdamW (0.9, 0.999) for every backbone.
-    - Finite differences always in fp32 (inputs, networks, outputs) even under bf16: the bf16 grid (2^-8)
-      swallows an h = 1e-2 move. Under bf16 the pair [x_t, x_t + h v] is one extra fp32 no-grad forward.
+    - Eq. 10's Delta by forward-mode AD by default (--gad-jvp exact: h J v, common.jvp_pair) in the step's precision
+      (bf16 on CUDA; cosine 0.99999 with a float64 JVP at SANA-600M's size, tests/test_gad_precision.py): one extra
+      no-grad JVP per network. --gad-jvp fd: finite differences, always in fp32 (inputs, networks, outputs) since
+      the bf16 grid (2^-8) swallows an h = 1e-2 move; under bf16 the pair [x_t, x_t + h v] is one extra fp32 forward.
     - Non-finite loss stops the run naming the step; released SiD drops NaN samples silently.
     - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
     - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
@@ -47,7 +49,7 @@ Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
     CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
-    plain SiD: --gad-weight 0.   Exact JVPs instead of finite differences: --gad-jvp exact.
+    plain SiD: --gad-weight 0.   fp32 finite differences instead of bf16 JVPs: --gad-jvp fd.
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
 losses are noise around small values; on SANA loss_sid turns negative and grids sharpen within ~1k steps.
 """

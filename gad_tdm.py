@@ -34,27 +34,30 @@ Averaged over directions, the printed Eq. 9 pushes only through curvature (an O(
 zero-mean noise (tests check this on linear maps). The released code drives the student's own response
 S(x_tau + h v, tau) - S(x_tau, tau) with the same vector instead: a first-order push of the student's Jacobian
 towards teacher minus fake. `--gad-path xtau` (default, the paper) or `response` (released code; one more
-student forward with grad; finite differences only: back-propagating through torch.func.jvp gave weight gradients
-~9% off a float64 numerical derivative on PixArt, while the finite-difference path matched it to 0.1%).
+student forward with grad; its gradient through the tangent is exact: common.jvp_pair, checked against a float64
+numerical derivative, where back-propagating through torch.func.jvp is silently wrong).
 
 Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
 size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
 Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into lambda): its signal scales
 with h, so at h = 1e-2 it is nearly inert (a 2D prototype moved nothing with it).
 
-Precision. The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) it is mostly rounding noise. (The
-released code's unit-norm move, h/128 per element on 4x64x64 latents, is below fp16's spacing of ~1e-3 near 1, so its
-fp16 cast erases most of it.) With --gad-fp32 (default) the forwards that feed a finite difference run in fp32 inputs,
-weights and outputs, with the perturbed and unperturbed inputs batched into the one forward the base loss
-already makes (teacher: 4B = {x, x'} x {cond, uncond}; fake: 2B). Weights are kept in fp32; autocast does the
-rest of the step in bf16.
+Precision (--gad-jvp, --gad-fp32). The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) a finite
+difference is mostly rounding noise (cosine ~0.85 with the true response at PixArt's real size). The default,
+`exact`, computes Delta = h J v by forward-mode AD (common.jvp_pair) in the step's own precision: bf16 autocast on
+CUDA. A tangent is computed in its own right, so bf16 keeps it accurate (cosine 0.99999 with a float64 JVP at
+PixArt-XL-2's depth and width, tests/test_gad_precision.py), and its primal is the teacher and fake forward the base
+loss needs anyway: GAD adds one tangent per network (a GEMM per GEMM) instead of a second forward. `--gad-jvp fd`
+takes x_tau and x_tau + h v in one batched forward per network, always in fp32 with TF32 off (~8x the price of
+bf16 on an H200); `--gad-fp32` also runs the JVP in fp32. README "Cost on a GPU" has the modelled prices.
 
 Deviations (each marked `# DEVIATION:` at its line):
   - Gradient of GAD reaches theta through x_tau (Eq. 9). The released code instead matches the student's own
     x0 response, taken between mismatched inputs (x_tau + delta at tau vs x_t at t), Huber-normalised.
     --gad-path response takes that path with matched inputs and our surrogate (no Huber normalisation).
   - v ~ N(0, I) (paper). The released code uses a unit-norm direction: --gad-direction unit.
-  - Finite differences in fp32; the released code casts x_tau + delta to fp16, which loses most of it.
+  - Responses by forward-mode JVP (bf16) or fp32 finite differences; the released code casts x_tau + delta to
+    fp16 and differences it, which loses most of the move.
   - h schedules of Table 9 are not specified beyond "increasing/decreasing linear": we use
     h(tau) = h (1.5 - tau/1000) (increasing along generation) and h (0.5 + tau/1000); both average to h.
   - GAD is computed for every sample and masked by --gad-t-range (simpler; no compute saved).
@@ -356,7 +359,7 @@ def train(args: Args) -> dict:
         f_F = lambda x, n: predict(common.unwrap(fake), x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
         gad, mismatch = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.no_grad():
-            if use_gad:  # Eq. 10: perturbed and unperturbed inputs share one forward per network, in fp32
+            if use_gad:  # Eq. 10: each network's response shares the forward the base loss needs (JVP or fd pair)
                 h = gad_h(tau, args.gad_h, args.gad_h_schedule)
                 v = direction(xt.shape, args.gad_direction, device)  # DEVIATION: --gad-direction unit = released
                 with fp32():
