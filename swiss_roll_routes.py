@@ -6,18 +6,20 @@ form: a learned fake score F and the teacher T are both perturbed at the re-nois
   g = (Delta_F - Delta_T) / h,   Delta_f = f_x0(x_tau + h v, tau) - f_x0(x_tau, tau)          (Eq. 10, jvp form)
 must reach the student's parameters. Three routes (gad_term(), a few lines each):
   xtau      mean(sg(g) . x_tau): Eq. 9 as printed; g multiplies dx_tau/dtheta, which does not depend on v.
-  released  the authors' released block: ds = (S_x0(x_tau + delta, tau) - x0_hat(x_k, t_k)) / h, a difference
-            between mismatched inputs; pseudo-Huber(ds - sg(ds + Delta_T/h - Delta_F/h)) / mean|ds - Delta_T/h|,
-            delta = h v/|v| (unit-norm direction).
+  released  the authors' released block: ds = (S_x0(x_tau + delta, tau) - x0_hat) / h, where x0_hat = the student's
+            x0 at its own last input (x_{K-1}, t_{K-1}): a difference between mismatched inputs;
+            pseudo-Huber(ds - sg(ds + Delta_T/h - Delta_F/h)) / mean|ds - Delta_T/h|, delta = h v/|v| (unit norm).
   response  mean(sg(g) . [S_x0(x_tau + h v, tau) - S_x0(x_tau, tau)] / h): the student's own matched response
             (gad_tdm.py --gad-path response).
-Base (no GAD): a K-step student (init = teacher) distilled DMD2-style with a learned fake score: the fake learns
+Base (no GAD): a K-step student distilled DMD2-style with a learned fake score: the fake learns
 sg(student x0) by denoising; the student follows the normalised (F - T) x0 difference at the re-noised x_tau.
 Equation map: Eq. 10 -> response_pair(); Eq. 9 and the two other routes -> gad_term(); Eq. 7 -> distil().
 Teacher, sampler and metrics come from swiss_roll.py (off-manifold %, new-off %, sliced W1, JVP cosine, |J| ratios).
-Deviations: the base is DMD2's L2 loss with its |x0 - T| normaliser (TDM: pseudo-Huber) and backward simulation
-(x0_hat at a random student step k, re-noised at tau ~ U[tau_min, tau_max]); the released route keeps the
-released code's Huber normaliser and unit direction, but runs in fp32 (it casts x_tau + delta to fp16: not kept).
+Deviations: the base is DMD2's L2 loss with its |x0 - T| normaliser (TDM: pseudo-Huber) on the K-step sample, back-
+propagated through all K steps (DMD2: backward simulation; TDM: intermediate points), re-noised at tau ~ U[tau_min,
+tau_max); students start from swiss_roll.py's pointwise student (--pre-iters), the fake from the teacher; the
+released route keeps the released code's Huber normaliser and unit direction, in fp32 (its fp16 cast of x_tau + delta:
+not kept).
 h and lambda: one grid on seed 0, K = 1 (README); the same values for K = 4.
 Commands: python swiss_roll_routes.py   (K = 1 and 4, 3 seeds, ~12 min on one CPU thread; --seeds 1 for one seed)
 Expect: see docs/readme_toys_gad_routes.md (xtau and released indistinguishable from base; response moves the JVP
@@ -42,8 +44,9 @@ ROUTES = ("xtau", "released", "response")
 class Args:
     # GAD (Eq. 7, 9-10); chosen on seed 0, K = 1 (see the README section); the paper's PixArt values: h 1e-2, lambda 1
     h: float = 0.1  # perturbation size h (all routes; the released route moves by h along a unit direction)
-    lam: float = 1.0  # lambda of Eq. 7 for xtau and response
-    lam_released: float = 1.0  # lambda of the released route (its loss is Huber-normalised, a different scale)
+    lam_xtau: float = 1.0  # lambda of Eq. 7, route xtau
+    lam_released: float = 1.0  # lambda, route released (its loss is Huber-normalised, a different scale)
+    lam_response: float = 0.1  # lambda, route response (0.3 and 1 lowered the JVP cosine; 1 broke the sampler)
     huber_c: float = 1e-3  # pseudo-Huber constant of the released route (released code)
     # base: DMD2-style distillation with a learned fake score
     student_steps: tuple[int, ...] = (1, 4)  # K-step students to train (1, 2 or 4)
@@ -70,6 +73,7 @@ class Args:
     device: str = "auto"  # auto, cpu or cuda
     threads: int = 1  # CPU threads
     out: str = "runs/swiss_roll_routes"  # output folder (figure, metrics.json)
+    merge: tuple[str, ...] = ()  # metrics.json files of single-seed runs: print their mean +- std table, no training
 
 
 def x0_pred(net, x, t):
@@ -92,7 +96,7 @@ def gad_term(route, student, x_tau, x0_hat, tau, d, dT, dF, h, huber_c):
         return (g * x_tau).sum(1).mean()
     if route == "response":  # the student's own matched response [S(x_tau + h v) - S(x_tau)] / h
         return (g * response_pair(student, x_tau.detach(), d, tau)[1] / h).sum(1).mean()
-    if route == "released":  # released code: student base at (x_k, t_k), not (x_tau, tau); Huber, normalised
+    if route == "released":  # released code: student base x0_hat at its own (x, t), not (x_tau, tau); Huber
         ds = (x0_pred(student, x_tau.detach() + d, tau) - x0_hat) / h
         target = (ds + (dT - dF) / h).detach()
         W = (ds - dT / h).abs().mean(1, keepdim=True).detach()
@@ -123,16 +127,10 @@ def distil(teacher, init, args, K, route, iters, state=None):
                      betas=args.betas), opt_f=torch.optim.Adam(fake.parameters(), args.fake_lr, betas=args.betas))
     student, fake, opt_s, opt_f = state["student"], state["fake"], state["opt_s"], state["opt_f"]
     ab, B = sr.ALPHA_BAR.to(dev).float(), args.batch
-    lam = args.lam_released if route == "released" else args.lam
+    lam = getattr(args, f"lam_{route}") if route else 0.0
     for step in range(iters):
-        # 1. roll the student out without grad; pick a step k per sample; x0_hat = S(x_k, t_k) with grad
-        with torch.no_grad():
-            xs = [torch.randn(B, 2, device=dev)]
-            for t, s in zip(ts[:-2], ts[1:-1]):
-                xs.append(sr.ddim_step(student, xs[-1], t.view(1), s.view(1)))
-        k = torch.randint(0, K, (B,), device=dev)
-        x_k, t_k = torch.stack(xs)[k, torch.arange(B, device=dev)], ts[k]
-        x0_hat = x0_pred(student, x_k, t_k)
+        # 1. the student's sample x0_hat = Phi_S(z): its K-step rollout, back-propagated through every step
+        x0_hat = sr.sample(student, torch.randn(B, 2, device=dev), ts)
         # 2. fake-score update: denoising (v-prediction) loss on sg(x0_hat) re-noised at uniform t
         t = torch.randint(0, sr.T, (B,), device=dev)
         a, sig, eps = ab[t].sqrt()[:, None], (1 - ab[t]).sqrt()[:, None], torch.randn(B, 2, device=dev)
@@ -247,7 +245,23 @@ COLS = {"off": "off %", "new_off": "new off %", "sw": "SW to T", "jvp_cos": "JVP
         "jac_norm_ratio_top10": "top10 ratio", "time_s": "train s"}
 
 
+def summarize(per_seed, args) -> dict:
+    """Mean +- std over seeds of every row, printed as a table (off rates in %)."""
+    summary = {n: {k: [float(np.mean(v)), float(np.std(v, ddof=min(1, len(v) - 1)))] for k in COLS if k in per_seed[0][n]
+                   for v in [[r[n][k] * (100 if "off" in k else 1) for r in per_seed]]} for n in per_seed[0]}
+    print(f"--h {args.h} --lam-xtau {args.lam_xtau} --lam-released {args.lam_released} --lam-response "
+          f"{args.lam_response} --iters {args.iters}; "
+          f"mean +- std over {len(per_seed)} seed(s)")
+    print(f"{'':17}" + "".join(f"{c:>17}" for c in COLS.values()))
+    for n, row in summary.items():
+        print(f"{n:17}" + "".join(f"{row[k][0]:>9.3f} +-{row[k][1]:5.3f}" if k in row else " " * 17 for k in COLS))
+    return summary
+
+
 def train(args) -> dict:
+    if args.merge:
+        per_seed = [r for path in args.merge for r in json.load(open(path))["per_seed"]]
+        return dict(summary=summarize(per_seed, args), per_seed=per_seed)
     if any(K not in (1, 2, 4) for K in args.student_steps) or args.h <= 0 or args.seeds < 1 or args.iters < 1:
         raise ValueError("need --student-steps in {1, 2, 4}, --h > 0, --seeds >= 1, --iters >= 1")
     if any(r not in ROUTES for r in args.routes):
@@ -261,14 +275,7 @@ def train(args) -> dict:
         per_seed.append(rows)
         if seed == args.seed:
             plot(samples, rows, args, os.path.join(args.out, "swiss_roll_routes.png"))
-    summary = {n: {k: [float(np.mean(v)), float(np.std(v, ddof=min(1, len(v) - 1)))] for k in COLS if k in per_seed[0][n]
-                   for v in [[r[n][k] * (100 if "off" in k else 1) for r in per_seed]]} for n in per_seed[0]}
-    print(f"--h {args.h} --lam {args.lam} --lam-released {args.lam_released} --iters {args.iters}; "
-          f"mean +- std over {args.seeds} seed(s)")
-    print(f"{'':17}" + "".join(f"{c:>17}" for c in COLS.values()))
-    for n, row in summary.items():
-        print(f"{n:17}" + "".join(f"{row[k][0]:>9.3f} +-{row[k][1]:5.3f}" if k in row else " " * 17 for k in COLS))
-    result = dict(args=asdict(args), summary=summary, per_seed=per_seed)
+    result = dict(args=asdict(args), summary=summarize(per_seed, args), per_seed=per_seed)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
