@@ -59,6 +59,7 @@ class Args:
     tau_min: int = 20  # re-noising range tau ~ U[tau_min, tau_max) (DMD2: 0.02 T .. 0.98 T)
     tau_max: int = 980
     pre_iters: int = 1000  # student init: swiss_roll.py's pointwise (teacher-forced) student after this many steps
+    pool: int = 16384  # teacher trajectories for that pointwise init (swiss_roll.make_pool)
     eqtime: bool = True  # also train base to GAD's wall time (continued from base; steps x measured time ratio)
     # teacher and evaluation (swiss_roll.py's defaults)
     noise: float = 0.3  # Swiss-roll noise in raw units
@@ -109,7 +110,7 @@ def pointwise_init(teacher, args, K):
     Adam 1e-3) after --pre-iters steps. (From the raw teacher, a 1-step DMD student was still 34% off-manifold after
     3000 steps on seed 0: too slow for this budget.)"""
     dev = next(teacher.parameters()).device
-    a = sr.Args(student_steps=K, noise=args.noise)
+    a = sr.Args(student_steps=K, noise=args.noise, pool=args.pool)
     pool = sr.make_pool(teacher, a, sr.TEACHER_TS[:: 40 // K].to(dev), dev)
     student = copy.deepcopy(teacher)
     return sr.distil(student, torch.optim.Adam(student.parameters(), a.student_lr), pool, a, "pointwise",

@@ -80,3 +80,23 @@ def test_unknown_route_fails_loudly():
     with pytest.raises(ValueError):
         rr.gad_term("nope", None, torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([1]), torch.zeros(1, 2),
                     torch.zeros(1, 2), torch.zeros(1, 2), 0.1, 1e-3)
+
+
+def test_fast_run_response_moves_the_jvp_cosine_and_xtau_does_not():
+    """The finding of the full run (README), small: at lambda = 1 the response route moves the 1-step student's JVP
+    cosine (down, away from the teacher's) by several times what the printed route (xtau) moves it, from the same
+    init, batches and noises."""
+    torch.manual_seed(0)
+    args = rr.Args(teacher_iters=300, teacher_batch=256, pre_iters=100, pool=2048, iters=60, batch=128,
+                   lam_xtau=1.0, lam_response=1.0)
+    teacher = rr.sr.fit_teacher(args, torch.device("cpu"))
+    init = rr.pointwise_init(teacher, args, 1)
+    phi_t = lambda y: rr.sr.sample(teacher, y, rr.sr.TEACHER_TS)
+    z, cos = torch.randn(256, 2), {}
+    for route in ("", "xtau", "response"):
+        torch.manual_seed(1)  # the same batches and noises for every route
+        student = rr.distil(teacher, init, args, 1, route, args.iters)["student"]
+        phi_s = lambda y, s=student: rr.sr.sample(s, y, rr.sr.TEACHER_TS[::40])
+        cos[route] = rr.common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)["jvp_cos"]
+    moved = {r: abs(cos[r] - cos[""]) for r in ("xtau", "response")}
+    assert moved["response"] > 3 * moved["xtau"] and moved["response"] > 1e-3, cos
