@@ -20,10 +20,12 @@ propagated through all K steps (DMD2: backward simulation; TDM: intermediate poi
 tau_max); students start from swiss_roll.py's pointwise student (--pre-iters), the fake from the teacher; the
 released route keeps the released code's Huber normaliser and unit direction, in fp32 (its fp16 cast of x_tau + delta:
 not kept).
-h and lambda: one grid on seed 0, K = 1 (README); the same values for K = 4.
-Commands: python swiss_roll_routes.py   (K = 1 and 4, 3 seeds, ~12 min on one CPU thread; --seeds 1 for one seed)
-Expect: see docs/readme_toys_gad_routes.md (xtau and released indistinguishable from base; response moves the JVP
-cosine and the top-10% norm ratio).
+h = 0.1, lambda: chosen on seed 0, K = 1 (README: response 0.1 of {0.1, 0.3, 1}; xtau, released: 1); same for K = 4.
+Commands: python swiss_roll_routes.py --seed S --seeds 1 --out runs/routes_sS   (S = 0, 1, 2: K = 1 and 4; ~12 min
+each, 3 in parallel on 2 shared cores), then python swiss_roll_routes.py --merge runs/routes_s{0,1,2}/metrics.json for the table.
+Expect (docs/readme_toys_gad_routes.md): xtau indistinguishable from base; response at lambda 0.1 too, and at
+lambda >= 0.3 it lowers the JVP cosine (breaks the sampler at 1); released raises the 4-step JVP cosine but adds
+off-manifold points at 1 step.
 """
 import copy
 import json
