@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from docs_call import documented_call
 
 import common
 import gad_sid as gs
@@ -222,7 +223,8 @@ def test_smoke_gad_export_reproduces_sampler(pipe, tmp_path):
     exported = DiffusionPipeline.from_pretrained(res["pipeline"])
     z = torch.randn(common.latent_shape(pipe, 1))
     out = exported("a red fox", latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
-                   **res["pipeline_call"]).images
+                   **documented_call(gs)).images  # the docstring's "Reload with" call
+    assert documented_call(gs).items() <= res["pipeline_call"].items()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     student = copy.deepcopy(pipe.transformer)
     student.load_state_dict(ckpt["models"]["student"])
@@ -256,9 +258,11 @@ def test_resume_is_exact(pipe, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_nonfinite_loss_stops_with_step(pipe, tmp_path):
+def test_nonfinite_loss_stops_with_step(pipe, tmp_path, monkeypatch):
+    sample_sigma = gs.sample_sigma  # a NaN inside the step (a NaN flag is refused up front: issue 12)
+    monkeypatch.setattr(gs, "sample_sigma", lambda *a: sample_sigma(*a) * float("nan"))
     with pytest.raises(FloatingPointError, match="step 1"):
-        gs.train(tiny_args(tmp_path, cfg=float("nan")), pipe=pipe)
+        gs.train(tiny_args(tmp_path), pipe=pipe)
 
 
 def test_args_defaults_are_table11():
