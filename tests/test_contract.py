@@ -60,6 +60,13 @@ def fake_checkpoint(module, out, **args):
     common.save_checkpoint(os.path.join(out, "ckpt.pt"), {}, {}, 1, module.Args(out=out, **args))
 
 
+SECONDS = 5  # a refused case never loads a model (load_pipeline raises in these tests); the time is only parsing
+
+
+def _no_model_loads(*a, **k):
+    raise AssertionError("a model was loaded: the case was not refused up front")
+
+
 @pytest.fixture
 def offline_empty_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -70,8 +77,8 @@ def _setup(kind, file, out, tmp):
     """Prepare --out (and helper files) for a case; returns extra argv."""
     if kind == "nonempty":
         os.makedirs(out)
-        for name in ("metrics.jsonl", "samples.png"):
-            open(os.path.join(out, name), "w").write("{}\n")
+        open(os.path.join(out, "metrics.jsonl"), "w").write('{"step": 1, "loss": 0.5}\n')
+        open(os.path.join(out, "samples.png"), "wb").write(b"\x89PNG")
     elif kind == "emptydir":
         os.makedirs(out)
     elif kind == "corrupt_ckpt":
@@ -126,9 +133,10 @@ TABLE = [(case, f, setup, argv, msg) for case, files, setup, argv, msg in CASES 
 
 
 @pytest.mark.parametrize("case,file,setup,argv,message", TABLE, ids=[f"{f}: {c}" for c, f, *_ in TABLE])
-def test_refused_up_front(case, file, setup, argv, message, tmp_path, capsys, offline_empty_cache):
+def test_refused_up_front(case, file, setup, argv, message, tmp_path, capsys, offline_empty_cache, monkeypatch):
     import re
 
+    monkeypatch.setattr(common, "load_pipeline", _no_model_loads)
     module, base = FILES[file]
     out = str(tmp_path / "out")
     extra = _setup(setup, file, out, str(tmp_path))
@@ -136,16 +144,17 @@ def test_refused_up_front(case, file, setup, argv, message, tmp_path, capsys, of
     code, text, seconds = cli(module, [*base, "--out", out, *extra, *argv], capsys)
     assert code == 2, text[-2000:]
     assert re.search(message, text), text[-2000:]
-    assert seconds < 2, seconds  # checked before any model loads
+    assert seconds < SECONDS, seconds  # ~0.1-0.3 s on an idle machine; the bound allows a loaded one
     assert snapshot(out) == before  # nothing in --out created, replaced or truncated
 
 
 @pytest.mark.parametrize("file,argv", [("gad_tdm", ["--eval"]), ("dpdmd", [])])
-def test_feature_model_fails_fast_before_loading(file, argv, tmp_path, capsys, offline_empty_cache):
+def test_feature_model_fails_fast_before_loading(file, argv, tmp_path, capsys, offline_empty_cache, monkeypatch):
+    monkeypatch.setattr(common, "load_pipeline", _no_model_loads)  # gad_tdm --eval lost its metrics after loading
     module, base = FILES[file]
     code, text, seconds = cli(module, [*base, "--out", str(tmp_path / "o"), "--feature-model", "no-org/no-feat", *argv],
                               capsys)
-    assert code == 2 and "no-org/no-feat" in text and "hf download" in text and seconds < 2, (code, seconds, text[-800:])
+    assert code == 2 and "no-org/no-feat" in text and "hf download" in text and seconds < SECONDS, (code, seconds, text)
 
 
 @pytest.mark.parametrize("file", list(FILES))
@@ -211,21 +220,6 @@ def test_gad_tdm_periods_zero_resume_applies_lr_and_adopts_the_checkpoints_flags
     rows = common.Logger.read(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 1, 2]
     assert rows[1]["resume_changed"] == {"lr": [gad_tdm.Args.lr, 1e-3], "steps": [1, 2]}
-
-
-@pytest.mark.parametrize("file,argv", [
-    ("gad_sid", ["--model", "tiny", "--log-every", "0", "--no-export"]),
-    ("dpdmd", ["--model", "tiny-sd3", "--log-every", "0", "--eval-every", "0", "--no-export", "--eval-prompts", "2",
-               "--eval-seeds", "2", "--fake-updates-per-student", "1"])])
-def test_period_zero_means_never_with_the_end_of_run_kept(file, argv, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(common, "plot_curves", lambda *a: None)
-    monkeypatch.setattr(common, "save_grid", lambda images, path, nrow: open(path, "w").close())
-    out = str(tmp_path / "run")
-    code, text, _ = cli(FILES[file][0], [*argv, "--steps", "1", "--batch-size", "2", "--sample-every", "0",
-                                         "--ckpt-every", "0", "--out", out], capsys)
-    assert code == 0, text[-2000:]  # was ZeroDivisionError
-    assert {"ckpt.pt", "samples_000001.png"} <= set(os.listdir(out))
-    assert [r["step"] for r in common.Logger.read(os.path.join(out, "metrics.jsonl"))][-1] == 1
 
 
 def test_start_run_auto_overwrite_and_steps_behind_the_checkpoint(tmp_path):

@@ -176,12 +176,14 @@ def _args(tmp, family, **kw):
 @pytest.mark.parametrize("family,div_weight,detach,files", [("sd3", 0.05, True, True), ("sd3", 0.0, True, False),
                                                             ("sdxl", 0.05, True, False), ("sdxl", 0.05, False, False)])
 def test_smoke(pipes, tmp_path, family, div_weight, detach, files):
-    kw = {} if files else {"sample_every": 0, "export": False}  # grids, curves and export in one run (export: also below)
+    # grids, curves and export in one run (export: also below); the others: every period 0 = never, the end kept
+    kw = {} if files else {"sample_every": 0, "export": False, "log_every": 0, "eval_every": 0, "ckpt_every": 0}
     m = dpdmd.train(_args(tmp_path, family, div_weight=div_weight, detach=detach, **kw), pipe=pipes[family])
     assert all(math.isfinite(m[k]) for k in ("fake_loss", "dmd_loss", "div_loss", "diversity"))
     assert (m["div_loss"] > 0) == (div_weight > 0) and 0 < m["diversity"] <= 2
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert "fake_loss" in rows[0] and "dmd_loss" in rows[1] and "diversity" in rows[-1]
+    assert ("fake_loss" in rows[0] and "dmd_loss" in rows[1]) if files else [r["step"] for r in rows] == [2, 2]
+    assert "diversity" in rows[-1]  # (issue 12: a period of 0 was ZeroDivisionError)
     for f in ("ckpt.pt",) + (("curves.png", "samples_000002.png", "pipeline/model_index.json") if files else ()):
         assert os.path.exists(tmp_path / f), f
 

@@ -1,6 +1,7 @@
 """Tests for gad_sid.py on the tiny SANA pipeline (CPU, one thread)."""
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -235,7 +236,10 @@ def test_smoke_gad_export_reproduces_sampler(pipe, tmp_path):
 
 
 def test_smoke_plain_sid_and_variants(pipe, tmp_path):
-    r0 = gs.train(tiny_args(tmp_path / "sid", gad_weight=0.0, fake_cfg=False), pipe=pipe)
+    # periods 0 = never, the end still gets its row, grid and checkpoint (issue 12: was ZeroDivisionError)
+    r0 = gs.train(tiny_args(tmp_path / "sid", gad_weight=0.0, fake_cfg=False, log_every=0, ckpt_every=0), pipe=pipe)
+    assert [r["step"] for r in common.Logger.read(str(tmp_path / "sid" / "metrics.jsonl"))] == [2]
+    assert {"ckpt.pt", "samples_000002.png"} <= set(os.listdir(tmp_path / "sid"))
     assert r0["loss_gad"] == 0.0 and "gad_gap" not in r0
     r1 = gs.train(tiny_args(tmp_path / "paper", gad_form="paper", gad_jvp="exact", steps=2), pipe=pipe)
     assert all(r1[k] == r1[k] for k in ("loss_sid", "loss_gad", "loss_fake"))
