@@ -489,9 +489,9 @@ def train_stage(args: Args) -> dict:
     # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
     family, model = args.family, args.model or DEFAULT_MODEL[args.family]
     model = f"tiny-{family}" if model == "tiny" else model
-    encoder = args.pixel_encoder if args.stage == "adp" and not common.is_tiny(model) else ""
-    ckpt_path = common.start_run(args, RANGES, family=family, model=model, model_ids=[e for e in [encoder] if e != "tiny"],
-                                 own=("pairs_*",))
+    encoder = args.pixel_encoder if args.stage == "adp" and not common.is_tiny(model) else "tiny"  # 'tiny': built here
+    ckpt_path = common.start_run(args, RANGES, family=family, model=model, own=("pairs_*",),
+                                 model_ids={"--pixel-encoder": "" if encoder == "tiny" else encoder})
     common.require(len(args.cfg_range) == 2 and args.cfg_range[0] <= args.cfg_range[1],
                    f"argument --cfg-range: need two values lo <= hi, got {args.cfg_range}")
     dist = common.init_distributed(args.device)

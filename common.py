@@ -307,12 +307,13 @@ def _reconcile(args, saved: dict, path: str, safe: tuple) -> None:
         raise UsageError(f"--resume {path}: these flags would change the experiment the checkpoint belongs to:\n  "
                          + "\n  ".join(refused) + "\nDrop them to continue it, or start a new run in another --out.")
 
-def start_run(args, ranges: dict, family: str | None = None, model: str | None = None, model_ids=(),
+def start_run(args, ranges: dict, family: str | None = None, model: str | None = None, model_ids: dict | None = None,
               writes: bool = True, own=(), safe=()) -> str | None:
     """The run contract, before any model loads. Returns the checkpoint to resume from, or None.
 
-    family/model: the diffusers family and --model (default args.model) to check; model_ids: other ids
-    (transformers feature models, encoders). writes=False: the run writes nothing to --out (evaluation, benchmark).
+    family/model: the diffusers family and --model (default args.model) to check; model_ids: {flag: id} of other
+    models (transformers feature models, encoders; '' = none).
+    writes=False: the run writes nothing to --out (evaluation, benchmark).
     own: names in --out this file may find from an earlier run and reuse (data shards); safe: more flags that may
     change on resume."""
     _RUN.changes, _RUN.ckpt = {}, None
@@ -334,15 +335,16 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
     resuming_here = path is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(out)
     if writes and held and not resuming_here and not getattr(args, "overwrite", False) and resume != "auto":
         names = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
-        raise UsageError(f"argument --out: {out} already holds {names}. Continue that run with --resume latest, "
-                         f"or pass --overwrite to replace it, or choose another --out")
+        cont = "Continue that run with --resume latest, or pass" if hasattr(args, "resume") else "Pass"
+        raise UsageError(f"argument --out: {out} already holds {names}. {cont} --overwrite to replace it, "
+                         "or choose another --out")
     if getattr(args, "prompts", ""):
         read_prompts(args.prompts)
     if family is not None or model is not None:
         check_model(model or args.model or FAMILIES[family][2], family)
-    for other in model_ids:
+    for flag, other in (model_ids or {}).items():
         if other:
-            check_model(other)
+            check_model(other, flag=flag)
     return path
 
 def due(step: int, every: int, last: bool) -> bool:
@@ -473,7 +475,7 @@ PIPELINE_KWARGS = {"sd21": {}, "sd3": {}, "sdxl": {}, "pixart": _NO_BINNING, "sa
 def is_tiny(model: str) -> bool:
     return model == "tiny" or model.startswith("tiny-")
 
-def _check_reachable(model_id: str, filename: str = "model_index.json") -> None:
+def _check_reachable(model_id: str, filename: str = "model_index.json", flag: str = "--model") -> None:
     """Fail within seconds, naming the id, when a hub id is neither cached nor downloadable."""
     from huggingface_hub import try_to_load_from_cache
     if isinstance(try_to_load_from_cache(model_id, filename), str):
@@ -488,16 +490,16 @@ def _check_reachable(model_id: str, filename: str = "model_index.json") -> None:
             reason = f"the hub is unreachable ({e.__class__.__name__})"
     raise FileNotFoundError(f"Model '{model_id}' is not a local directory, not in the Hugging Face cache, and {reason}.\n"
                             f"Download it on a machine with network (hf download {model_id} --local-dir DIR)"
-                            f" and pass --model DIR, or pass --model tiny for the random-weight CPU model.")
+                            f" and pass {flag} DIR" + (", or pass --model tiny for the random-weight CPU model."
+                                                        if flag == "--model" else "."))
 
 def is_builtin(model: str) -> bool:
     """Names built here, not loaded: tiny / tiny-<family> (and random / random-<family>)."""
     return is_tiny(model) or model == "random" or model.startswith("random-")
 
-def check_model(model: str, family: str | None = None) -> None:
+def check_model(model: str, family: str | None = None, flag: str = "--model") -> None:
     """Before loading: a built-in name of the right family, an existing local directory (a pipeline of `family` by its
     model_index.json class name; otherwise a config.json), or a hub id that is cached or reachable (fails in seconds)."""
-    flag = "--model" if family else "model id"
     if is_builtin(model):
         named = model.split("-", 1)[1] if "-" in model else family
         if family and named != family:
@@ -509,7 +511,7 @@ def check_model(model: str, family: str | None = None) -> None:
         if not hub_like:
             raise UsageError(f"argument {flag}: no such directory: {model}")
         try:
-            _check_reachable(model, "model_index.json" if family else "config.json")
+            _check_reachable(model, "model_index.json" if family else "config.json", flag)
         except FileNotFoundError as e:
             raise UsageError(f"argument {flag}: {e}") from None
         return

@@ -325,7 +325,7 @@ def check_args(a: Args) -> None:
 def train(args: Args, pipe=None) -> dict:
     # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
     ckpt_path = common.start_run(args, RANGES, family=args.family if pipe is None else None,
-                                 model_ids=[args.feature_model] if args.eval else [])
+                                 model_ids={"--feature-model": args.feature_model * args.eval})
     check_args(args)
     dist = common.init_distributed(args.device)
     device, flow = dist.device, args.family == "sd3"

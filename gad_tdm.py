@@ -281,7 +281,7 @@ def teacher_sample(teacher, z, cond, uncond, w, steps, abar):
 
 def train(args: Args) -> dict:
     # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
-    ckpt_path = common.start_run(args, RANGES, family="pixart", model_ids=[args.feature_model] if args.eval else [],
+    ckpt_path = common.start_run(args, RANGES, family="pixart", model_ids={"--feature-model": args.feature_model * args.eval},
                                  writes=not (args.eval or args.bench))
     common.require(list(args.timesteps) == sorted(set(args.timesteps), reverse=True),
                    f"argument --timesteps: must decrease strictly, got {args.timesteps}")

@@ -127,7 +127,7 @@ CASES = [
     ("--cfg-range hi < lo", ("adm",), None, ["--cfg-range", "8", "6"], r"--cfg-range: need two values lo <= hi"),
     ("swiss_roll --h 0", ("swiss_roll",), None, ["--h", "0"], r"argument --h: must be > 0"),
     ("swiss_roll --student-steps 3", ("swiss_roll",), None, ["--student-steps", "3"], r"--student-steps: must be 1, 2 or 4"),
-    ("swiss_roll --out not empty", ("swiss_roll",), "nonempty", [], r"already holds metrics.jsonl"),
+    ("swiss_roll --out not empty", ("swiss_roll",), "nonempty", [], r"already holds metrics.jsonl, samples.png. Pass --overw"),
 ]
 TABLE = [(case, f, setup, argv, msg) for case, files, setup, argv, msg in CASES for f in files]
 
@@ -154,7 +154,8 @@ def test_feature_model_fails_fast_before_loading(file, argv, tmp_path, capsys, o
     module, base = FILES[file]
     code, text, seconds = cli(module, [*base, "--out", str(tmp_path / "o"), "--feature-model", "no-org/no-feat", *argv],
                               capsys)
-    assert code == 2 and "no-org/no-feat" in text and "hf download" in text and seconds < SECONDS, (code, seconds, text)
+    assert code == 2 and "argument --feature-model: Model 'no-org/no-feat'" in text and seconds < SECONDS, (code, text)
+    assert "hf download no-org/no-feat --local-dir DIR) and pass --feature-model DIR." in text
 
 
 @pytest.mark.parametrize("file", list(FILES))
