@@ -333,7 +333,8 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
     held = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
                   if not any(fnmatch.fnmatch(n, p) for p in own))
     resuming_here = path is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(out)
-    if writes and held and not resuming_here and not getattr(args, "overwrite", False) and resume != "auto":
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # other ranks would see rank 0's first files; torchrun stops them
+    if writes and rank0 and held and not resuming_here and not getattr(args, "overwrite", False) and resume != "auto":
         names = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
         cont = "Continue that run with --resume latest, or pass" if hasattr(args, "resume") else "Pass"
         raise UsageError(f"argument --out: {out} already holds {names}. {cont} --overwrite to replace it, "
