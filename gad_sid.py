@@ -300,8 +300,8 @@ def train(args: Args, pipe=None) -> dict:
     if dtype == torch.float16:
         raise common.UsageError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
     if args.gad_path == "response" and args.gad_jvp == "exact":  # see gad_tdm.py: backprop through func.jvp is off
-        raise common.UsageError("--gad-path response needs --gad-jvp fd (back-propagating through torch.func.jvp gives wrong "
-                         "weight gradients; see gad_tdm.py)")
+        raise common.UsageError("--gad-path response needs --gad-jvp fd (back-propagating through torch.func.jvp gives "
+                                "wrong weight gradients; see gad_tdm.py)")
     common.seed_everything(args.seed, dist.rank)
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"

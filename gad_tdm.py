@@ -293,8 +293,8 @@ def train(args: Args) -> dict:
     common.require(args.batch_size % dist.world_size == 0,
                    f"argument --batch-size: {args.batch_size} is not divisible by the world size {dist.world_size}")
     if args.gad_path == "response" and args.gad_jvp == "exact":  # backprop through torch.func.jvp is wrong here
-        raise common.UsageError("--gad-path response needs --gad-jvp fd: back-propagating through torch.func.jvp gave weight "
-                         "gradients ~9% off a numerical derivative on PixArt (tests/test_gad_tdm.py)")
+        raise common.UsageError("--gad-path response needs --gad-jvp fd: back-propagating through torch.func.jvp gave "
+                                "weight gradients ~9% off a numerical derivative on PixArt (tests/test_gad_tdm.py)")
     B = args.batch_size // dist.world_size
     # cuDNN/matmul TF32 would round the fp32 finite differences to a 10-bit mantissa (a 1e-2 move: ~5% noise)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False

@@ -13,6 +13,14 @@ import gad_sid as gs
 B = 2
 
 
+@pytest.fixture(autouse=True)
+def _no_matplotlib(monkeypatch):
+    """Grids and curves are made (empty files) but not drawn: a period of 0 still samples at the end (issue 12), and
+    matplotlib costs ~1 s per picture here; common.save_grid / plot_curves are tested in test_common.py."""
+    monkeypatch.setattr(common, "save_grid", lambda images, path, nrow: open(path, "wb").close())
+    monkeypatch.setattr(common, "plot_curves", lambda jsonl, png: open(png, "wb").close())
+
+
 @pytest.fixture(scope="module")
 def pipe():
     torch.manual_seed(0)  # the tiny pipeline's random weights come from the global RNG
