@@ -33,9 +33,10 @@ Commands
   GPU:      python gad_ladd.py --model stabilityai/stable-diffusion-2-1-base --prompts coco.txt --n-data 65536 --eval
   torchrun: torchrun --nproc_per_node 8 gad_ladd.py --prompts coco.txt --n-data 65536   (shards split across ranks)
   CPU tiny: python gad_ladd.py --model tiny --steps 20 --batch-size 4 --n-data 32 --shard-size 8 --teacher-steps 10 --eval
-  base LADD: --gad-weight 0.  Overhead: --bench 30.  One-step call of the export (DDIM trailing + set_alpha_to_one:
-  one UNet call at t = 999, x0 out): StableDiffusionPipeline.from_pretrained(out/pipeline)(p, num_inference_steps=1,
-  guidance_scale=0.0)
+  base LADD: --gad-weight 0.  Overhead: --bench 30.
+Reload with (DDIM trailing + set_alpha_to_one: one UNet call at t = 999, x0 out):
+  pipe = StableDiffusionPipeline.from_pretrained("runs/gad_ladd/pipeline")
+  pipe(prompt, num_inference_steps=1, guidance_scale=0.0)
 Expect: out/data/shard_*.pt, metrics.jsonl + curves.png (loss_g, loss_d, adv, rec, gad, d_real, d_fake), samples_*.png,
 ckpt.pt, pipeline/, and with --eval eval.json (geometry, diversity, seed identifiability).
 """
@@ -89,7 +90,8 @@ class Args:
     out: str = "runs/gad_ladd"  # output directory
     device: str = "auto"  # auto / cpu / cuda
     seed: int = 0  # global seed (rank offset added)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
     sample_every: int = 1000  # sample grid every N steps
     ckpt_every: int = 1000  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
@@ -498,9 +500,16 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
 # ----------------------------------------------------------------------------------------------
 
 
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"h": "> 0", "t_d_max": "[0, 999]", "cfg": ">= 0", "n_data": ">= 1", "shard_size": ">= 1", "id_seeds": ">= 2",
+          "id_prompts": ">= 2", "eval_fd_h": "> 0"}
+
+
 def train(args) -> dict:
-    assert args.h > 0 and args.gad_weight >= 0 and 0 <= args.t_d_max < 1000 and args.shard_size > 0 and args.n_data > 0
-    assert args.teacher_steps >= 1 and args.batch_size >= 1 and args.id_seeds >= 2 and args.id_prompts >= 2
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads.
+    # --out may hold data/ (teacher pairs, reused); --stage data and --bench write nothing else there.
+    ckpt_path = common.start_run(args, RANGES, family=FAMILY, writes=args.stage != "data" and not args.bench,
+                                 own=("data",), safe=("stage",))
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
@@ -531,7 +540,7 @@ def train(args) -> dict:
             return common.cleanup() or {"data_dir": data_dir(args)}
     shards = load_data(args, device)
 
-    start, ckpt_path = 0, common.resolve_resume(args.resume, args.out)
+    start = 0
     if ckpt_path:
         start = common.load_checkpoint(ckpt_path, {"student": S, "heads": heads}, {"g": opt_g, "d": opt_d}, scaler)["step"]
     S_ddp, heads_ddp = common.wrap_ddp(S, dist), common.wrap_ddp(heads, dist)
@@ -541,12 +550,12 @@ def train(args) -> dict:
         batch = get_batch(shards, idx, device, args.shard_size)
         row = train_step(S_ddp, heads_ddp, unet, opt_g, opt_d, scaler, batch, args, ctx, ab, pt)  # 2.-3. G then D
         common.check_finite(step, **row)
-        if (args.log_every and step % args.log_every == 0) or step == args.steps:
+        if common.due(step, args.log_every, step == args.steps):
             log.log(step, **row)
-        if dist.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
+        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
             save_samples(pipe, S, os.path.join(args.out, f"samples_{step:06d}.png"), device, ab, pt, prompts)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps):
+        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": S, "heads": heads},
                                    {"g": opt_g, "d": opt_d}, step, args, scaler)
         log.update()
@@ -565,4 +574,4 @@ def train(args) -> dict:
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

@@ -76,7 +76,8 @@ Expect: samples.png every --sample-every steps (4 prompts x 4 fixed seeds: the s
 sensitivity is visible), curves.png, metrics.jsonl, ckpt.pt, and at the end pipeline/ (PixArtAlphaPipeline).
 Reload with:
   pipe = DiffusionPipeline.from_pretrained("runs/gad_tdm/pipeline")
-  pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0)
+  pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0, use_resolution_binning=False)
+(use_resolution_binning=False: the stock PixArt call otherwise snaps the size to its 256/512/1024 aspect-ratio tables)
 """
 import contextlib
 import copy
@@ -120,7 +121,8 @@ class Args:
     prompts: str = ""  # text file, one prompt per line ('' = built-in list)
     out: str = "runs/gad_tdm"  # output directory
     seed: int = 0  # global seed (offset by rank)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
     sample_every: int = 100  # sample grid + curves every N steps
     ckpt_every: int = 250  # checkpoint every N steps
     eval: bool = False  # evaluate a checkpoint (geometry + diversity) instead of training
@@ -130,6 +132,10 @@ class Args:
     bench: int = 0  # > 0: time N interleaved TDM / TDM+GAD steps and print the ratios, then exit
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads (0 = torch default)
+
+
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"gad_h": "(0, 1]", "timesteps": "[1, 999]", "cfg": ">= 0", "huber_c": "> 0", "snr_clip": "> 0"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,13 +280,18 @@ def teacher_sample(teacher, z, cond, uncond, w, steps, abar):
 
 
 def train(args: Args) -> dict:
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
+    ckpt_path = common.start_run(args, RANGES, family="pixart", model_ids={"--feature-model": args.feature_model * args.eval},
+                                 writes=not (args.eval or args.bench))
+    common.require(list(args.timesteps) == sorted(set(args.timesteps), reverse=True),
+                   f"argument --timesteps: must decrease strictly, got {args.timesteps}")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.set_cpu_threads(args.threads)
     common.seed_everything(args.seed, dist.rank)
-    if args.batch_size % dist.world_size or args.gad_h <= 0 or len(args.timesteps) < 1:
-        raise ValueError("need batch_size divisible by world size, gad_h > 0 and at least one timestep")
+    common.require(args.batch_size % dist.world_size == 0,
+                   f"argument --batch-size: {args.batch_size} is not divisible by the world size {dist.world_size}")
     B = args.batch_size // dist.world_size
     if args.gad_jvp == "fd" or args.gad_fp32:  # TF32 would round fp32 differences to a 10-bit mantissa (~5% noise)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -300,10 +311,7 @@ def train(args: Args) -> dict:
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
     scaler = common.make_scaler(device, dtype)
     models, optims = {"student": student, "fake": fake}, {"opt_g": opt_g, "opt_f": opt_f}
-    start, path = 0, common.resolve_resume(args.resume, args.out)
-    if path:
-        start = common.load_checkpoint(path, models, optims, scaler)["step"]
-        common.print0(f"resumed from {path} at step {start}")
+    start = common.load_checkpoint(ckpt_path, models, optims, scaler)["step"] if ckpt_path else 0
     if args.eval:
         return evaluate(args, pipe, teacher, student, abar, prompts, device)
     student_ddp, fake_ddp = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
@@ -419,12 +427,12 @@ def train(args: Args) -> dict:
         log.log(step, **metrics)
         log.update()
         last = step == args.steps
-        if dist.is_main and (step % args.sample_every == 0 or last):
+        if dist.is_main and common.due(step, args.sample_every, last):
             with ac():
                 x0 = sample(common.unwrap(student), grid_z, grid_cond, args.timesteps, abar)
             common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "samples.png"), nrow=4)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and (step % args.ckpt_every == 0 or last):
+        if dist.is_main and common.due(step, args.ckpt_every, last):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler)
         common.barrier()
     log.close()
@@ -502,4 +510,4 @@ def features(args, pipe, latents, device):
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)
