@@ -98,6 +98,12 @@ def stats(x, y):
     return {"modes": mean(cov), "shared": mean(shared), "near": mean(near), "entropy": mean(ent)}
 
 
+def radius(x):
+    """Distance of the samples from the origin (the ring has radius R): 'mean (10% .. 90% quantile)'."""
+    r = x.flatten(1).norm(dim=1)
+    return f"radius {r.mean():.2f} ({r.quantile(0.1):.2f} .. {r.quantile(0.9):.2f})"
+
+
 def distill(T, sch, a, w, seed, iters, lr=1e-3, bs=256):
     """Alternate fake / student updates exactly like dpdmd.train (AdamW, clip) with dpdmd's own losses; each batch
     draws uniform class labels; the real score uses CFG w against the null token."""
@@ -143,17 +149,18 @@ def run(a) -> dict:
         print(f"seed {seed}: teacher trained in {time.time() - t0:.1f}s", flush=True)
         for w in a.cfg:
             with torch.no_grad():
-                s = stats(dpdmd.teacher_rollout(T, z, cond, uncond, w, sch, 30)[0], y)
-            res.setdefault((w, "teacher 30 steps"), []).append(s)
-            print(f"seed {seed} | w {w} | teacher 30 steps | {s}", flush=True)
+                x = dpdmd.teacher_rollout(T, z, cond, uncond, w, sch, 30)[0]
+            res.setdefault((w, "teacher 30 steps"), []).append(s := stats(x, y))
+            print(f"seed {seed} | w {w} | teacher 30 steps | {s}" + (f" | {radius(x)}" if a.radius else ""), flush=True)
             for name, kw in methods:
                 t1 = time.time()
                 args = dpdmd.Args(fake_updates_per_student=a.fake_ratio, **kw)
                 stu = distill(T, sch, args, w, seed, a.iters)
                 with torch.no_grad():
-                    s = stats(dpdmd.student_rollout(stu, z, cond, sch)[0], y)
-                res.setdefault((w, name), []).append(s)
-                print(f"seed {seed} | w {w} | {name} | {s} | {time.time() - t1:.1f}s", flush=True)
+                    x = dpdmd.student_rollout(stu, z, cond, sch)[0]
+                res.setdefault((w, name), []).append(s := stats(x, y))
+                print(f"seed {seed} | w {w} | {name} | {s} | {time.time() - t1:.1f}s" + (f" | {radius(x)}" if a.radius else ""),
+                      flush=True)
     return res
 
 
@@ -167,6 +174,7 @@ def main():
     p.add_argument("--ks", type=int, nargs="+", default=[5, 19], help="anchor steps (5 = the paper's; 19: sigma_k 0.614)")
     p.add_argument("--fake-ratio", type=int, default=5)
     p.add_argument("--n-eval", type=int, default=1000, help="fixed noises per class")
+    p.add_argument("--radius", action="store_true", help="also print where the samples lie radially")
     a = p.parse_args()
     res = run(a)
     print(f"\n| w | model | modes covered / {MODES_PER_CLASS} per class | shared modes covered / 2 | near | entropy |")
