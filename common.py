@@ -860,23 +860,23 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 # ==== Shared metrics
 
 class _CheapTangents(torch.overrides.TorchFunctionMode):
-    """Forward-mode AD rules for the ops where PyTorch's own rules waste work or go wrong. Active inside jvp_pair().
-
-    - linear / conv2d: PyTorch's rule fills the frozen weight's missing tangent with zeros and multiplies it, one
-      full GEMM too many (a JVP cost 3 GEMMs instead of 2). Here the tangent is one GEMM: W t_x.
-    - layer_norm / group_norm: written as plain ops in fp32. PyTorch's layer_norm JVP is silently wrong under
-      reverse mode (its mean/rstd carry no gradient, so back-propagating through the tangent drops d(mean)/dtheta;
-      a group_norm JVP under bf16 autocast returns an fp32 tangent for a bf16 value and the next conv fails).
-    Any other op keeps PyTorch's rule. Only inputs that carry a tangent are rerouted."""
+    """Forward-mode AD rules for the ops where PyTorch's own rules waste work, memory or go wrong. Active inside
+    jvp_pair(); only ops whose inputs carry a tangent are rerouted, every other op keeps PyTorch's rule.
+    - linear / conv2d: PyTorch's rule fills the frozen weight's missing tangent with zeros and multiplies it, one full
+      GEMM too many (a JVP cost 3 GEMMs instead of 2). Here the tangent is one GEMM: W t_x.
+    - scaled_dot_product_attention: the fused kernels have no forward-AD rule, and the math kernel materialises the
+      N x N scores (at 4,096 tokens that is most of a GPU's memory and time). See _attention_jvp().
+    - layer_norm / group_norm, when gradients are on: plain ops in fp32. PyTorch's layer_norm JVP is silently wrong
+      under reverse mode (its mean/rstd carry no gradient, so back-propagating through the tangent drops
+      d(mean)/dtheta). Without gradients PyTorch's own (fused) rule is kept."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        F = torch.nn.functional
+        F, fwAD = torch.nn.functional, torch.autograd.forward_ad
         if func is F.scaled_dot_product_attention and not kwargs.get("dropout_p") and not kwargs.get("is_causal"):
-            if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args[:3]):
-                return _plain_attention(*args, **kwargs)
+            if any(fwAD.unpack_dual(a).tangent is not None for a in args[:3]):
+                return _attention_jvp(*args, **kwargs)
         if func in (F.linear, F.conv2d, F.layer_norm, F.group_norm) and args:
-            fwAD = torch.autograd.forward_ad
             p, t = fwAD.unpack_dual(args[0])
             weights = list(args[1:]) + [kwargs.get("weight"), kwargs.get("bias")]
             if t is not None and all(fwAD.unpack_dual(w).tangent is None for w in weights if torch.is_tensor(w)):
@@ -888,7 +888,8 @@ class _CheapTangents(torch.overrides.TorchFunctionMode):
                     else:
                         kw["bias"] = None
                     return fwAD.make_dual(out, func(t, args[1], *rest, **kw).to(out.dtype))
-                return _plain_norm(func, args[0], *args[1:], **kwargs)
+                if torch.is_grad_enabled():
+                    return _plain_norm(func, args[0], *args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -911,22 +912,43 @@ def _plain_norm(func, x, shape_or_groups, weight=None, bias=None, eps=1e-5):
     return (y + bias.to(y.dtype).view(shape) if bias is not None else y).to(out_dtype)
 
 
-def _plain_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """softmax(q k^T scale + mask) v from matmuls, with the softmax written out in fp32. The fused kernels have no
-    forward-AD rule, and back-propagating through F.softmax's tangent raises an in-place error (pytorch #162350)."""
-    s = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
-    s = s * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
-    e = torch.exp(s - s.detach().amax(-1, keepdim=True))
-    return (e / e.sum(-1, keepdim=True)).to(v.dtype) @ v
+ATTN_FD_EPS = {torch.float32: 3e-3, torch.float64: 1e-5}  # relative move of (q, k) in _attention_jvp's central
+# difference: truncation ~eps^2, rounding ~(machine eps)/eps, about 1e-5 relative in fp32
+
+
+def _attention_jvp(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """O = softmax(q k^T scale) v and its tangent from fused kernels only (no N x N matrix, in memory or traffic):
+      t_O = SDPA(q, k, t_v)                                  exact, in the caller's precision (P t_v);
+          + [SDPA32(q + e t_q, k + e t_k, v) - SDPA32(q - e t_q, k - e t_k, v)] / 2e     the (q, k) part, in fp32,
+    e = ATTN_FD_EPS |(q, k)| / |(t_q, t_k)|. The (q, k) part has no fused exact form (it needs sum_j P_ij dS_ij v_j),
+    so it is a central difference, but of one attention call in fp32 (float64 stays float64): never in half
+    precision. Both parts are differentiable (reverse over forward)."""
+    fwAD, sdpa = torch.autograd.forward_ad, torch.nn.functional.scaled_dot_product_attention
+    (q, tq), (k, tk), (v, tv) = (fwAD.unpack_dual(a) for a in (q, k, v))
+    kw = {"attn_mask": attn_mask, "scale": scale, **({"enable_gqa": True} if enable_gqa else {})}
+    out = sdpa(q, k, v, **kw)
+    tan = sdpa(q, k, tv, **kw) if tv is not None else torch.zeros_like(out)
+    if tq is not None or tk is not None:
+        tq = torch.zeros_like(q) if tq is None else tq
+        tk = torch.zeros_like(k) if tk is None else tk
+        with torch.autocast(q.device.type, enabled=False):
+            dt = torch.promote_types(q.dtype, torch.float32)
+            q32, k32, v32, tq32, tk32 = (a.to(dt) for a in (q, k, v, tq, tk))
+            kw32 = {**kw, "attn_mask": attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point()
+                    else attn_mask}
+            rms = lambda a, b: (a.detach().pow(2).mean() + b.detach().pow(2).mean()).sqrt()
+            e = ATTN_FD_EPS[dt] * rms(q32, k32) / rms(tq32, tk32).clamp_min(1e-30)
+            d = (sdpa(q32 + e * tq32, k32 + e * tk32, v32, **kw32) - sdpa(q32 - e * tq32, k32 - e * tk32, v32, **kw32))
+            d = d / (2 * e)
+        tan = tan + d.to(tan.dtype)
+    return fwAD.make_dual(out, tan)
 
 
 def jvp_pair(f, x: torch.Tensor, v: torch.Tensor):
     """(f(x), J_f(x) v) in one forward with forward-mode AD, in whatever precision the caller runs f (e.g. bf16
     autocast: a tangent is computed in its own right, so unlike a finite difference it does not drown in rounding).
-    Costs about 2x the GEMMs of f (see _CheapTangents) and 3x its attention matmuls (written out: the flash and
-    memory-efficient kernels have no forward-AD rule; the N x N scores are materialised). With grad enabled, both
+    Costs about 2x the GEMMs of f (see _CheapTangents), and per attention one more call in the caller's precision and
+    two fp32 calls of the fused kernels (_attention_jvp; no N x N scores are materialised). With grad enabled, both
     outputs are differentiable w.r.t. f's parameters (reverse over forward), and d/dtheta of a loss on J v is
     correct: tests/test_common.py checks it against a float64 numerical derivative."""
     fwAD = torch.autograd.forward_ad
