@@ -28,8 +28,8 @@ def network_map(family, g):
 
     def f(net, y):
         dt = next(net.parameters()).dtype
-        return net(y.to(dt) if dt == torch.float64 else y, timestep=t, encoder_hidden_states=emb.to(
-            torch.float64 if dt == torch.float64 else torch.float32), return_dict=False, **kw)[0][:, :SHAPE[family][1]]
+        return net(y.to(dt) if dt != torch.float32 else y, timestep=t, encoder_hidden_states=emb.to(dt),
+                   return_dict=False, **kw)[0][:, :SHAPE[family][1]]
     return f
 
 
@@ -49,7 +49,7 @@ def measure(family) -> dict:
             rows[f"bf16 autocast difference, h = {10 * h:g}"] = fd(10 * h)
             rows["bf16 autocast JVP (jvp_pair; the CUDA default)"] = jvp(net)
         rows["fp32 JVP (jvp_pair; --gad-fp32)"] = jvp(net)
-        rows["bf16 weights JVP (jvp_pair)"] = jvp(copy.deepcopy(net).to(torch.bfloat16), lambda y: y.bfloat16())
+        rows["bf16 weights JVP (jvp_pair)"] = jvp(copy.deepcopy(net).to(torch.bfloat16))
         net64 = copy.deepcopy(net).double()
         ref = common.jvp_pair(lambda y: f(net64, y), x.double(), v.double())[1].double().flatten()
     out = {}
