@@ -464,6 +464,7 @@ def bench(args, step_fn, device):
     out = {"step_time_base": med(times[False]), "step_time_gad": med(times[True])}
     out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
     if mems[True]:
+        out.update(mem_base_gb=med(mems[False]) / 2**30, mem_gad_gb=med(mems[True]) / 2**30)
         out["mem_ratio"] = med(mems[True]) / med(mems[False])
     common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out

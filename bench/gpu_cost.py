@@ -40,21 +40,24 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import inspect
 import os
 import statistics
 import sys
 import tempfile
+import time
+import weakref
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -183,29 +186,34 @@ class CostMode(TorchDispatchMode):
 
     def __init__(self, device: str = "meta"):
         super().__init__()
-        self.device, self.live, self.live_bytes, self.peak = device, {}, 0, 0
+        self.device, self.storages, self.tracked, self.live_bytes, self.peak = device, {}, {}, 0, 0
         self.flops, self.bytes, self.scalar_reads = Counter(), 0, Counter()
         self.steps, self.current, self.scanned = [], None, False
-        self.cacheable, self.layouts = {}, {}
-        self.slack = 16 * 2**20  # peak is exact to within max(16 MiB, 0.5% of the peak)
+        self.cacheable, self.layouts, self.n_ops, self.t0, self.verbose = {}, {}, 0, time.perf_counter(), False
 
-    # --- live memory: storages seen as op outputs, held by weak references
+    # --- live memory: every tensor an op returns holds its storage; a storage is freed when the last of its tensors
+    # is (weakref.finalize; a tensor kept only by autograd keeps its Python object too: PyObject preservation)
     def _add(self, t: torch.Tensor):
-        if t.device.type != self.device or t.is_sparse:
+        if t.device.type != self.device or t.is_sparse or id(t) in self.tracked:
             return
         s = t.untyped_storage()
         key = s._cdata
-        if key in self.live and not self.live[key][0].expired():
-            return
-        self.live[key] = (StorageWeakRef(s), s.nbytes())
-        self.live_bytes += s.nbytes()
-        if self.live_bytes > self.peak + max(self.slack, self.peak // 200):
-            self.sweep()
+        if key not in self.storages:
+            self.storages[key] = [s.nbytes(), 0]
+            self.live_bytes += s.nbytes()
             self.peak = max(self.peak, self.live_bytes)
+        self.storages[key][1] += 1
+        fin = weakref.finalize(t, self._release, id(t), key)
+        fin.atexit = False
+        self.tracked[id(t)] = fin
 
-    def sweep(self):
-        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
-        self.live_bytes = sum(n for _, n in self.live.values())
+    def _release(self, tid: int, key: int):
+        del self.tracked[tid]
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live_bytes -= entry[0]
+            del self.storages[key]
 
     def scan(self):
         """Register device tensors that exist outside any op we saw (e.g. made before the mode was entered)."""
@@ -219,23 +227,25 @@ class CostMode(TorchDispatchMode):
     # --- per-step records (the method file's bench_hook calls begin())
     def begin(self, use_gad: bool):
         self.end()
+        if self.verbose:
+            print(f"  step {len(self.steps)} ({'GAD' if use_gad else 'base'}) at {time.perf_counter() - self.t0:.0f} s,"
+                  f" {self.n_ops} ops so far, {len(self.layouts)} cached layouts", file=sys.stderr, flush=True)
         if not self.scanned:
             self.scan()
             self.scanned = True
-        self.sweep()
         self.peak, self.flops, self.bytes = self.live_bytes, Counter(), 0
         self.current = {"gad": use_gad, "start_bytes": self.live_bytes}
 
     def end(self):
         if self.current is not None:
-            self.sweep()
+            gc.collect()  # reference cycles that hold tensors (e.g. closures) would be collected on CUDA too
             self.current.update(flops=dict(self.flops), bytes=self.bytes, peak=max(self.peak, self.live_bytes))
             self.steps.append(self.current)
             self.current = None
 
     # --- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        kwargs, self.n_ops = kwargs or {}, self.n_ops + 1
         first = next((a for a in leaves(args) if isinstance(a, torch.Tensor)), None)
         on_meta = first is not None and first.device.type == "meta"
         if func is aten._local_scalar_dense.default and on_meta:
@@ -323,7 +333,8 @@ def seconds(rec: dict, with_memory_bound: bool) -> float:
 # ==== driving a method file's own --bench step
 
 
-def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, device: str = "meta") -> dict:
+def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, device: str = "meta",
+             verbose: bool = False) -> dict:
     """Trace `pairs` interleaved base/GAD steps (after the file's warm-up) of the file's --bench; return mean records
     of the base and GAD steps after warm-up. config None = the file's Args as given (plus bf16 autocast)."""
     mod_name, _, _ = FILES[key]
@@ -339,14 +350,17 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
     if "out" in fields:
         kw["out"] = os.path.join(tempfile.gettempdir(), f"gpu_cost_{key}")
     emu, mode = MetaCuda(), CostMode(device)
-    old_hook = mod.bench_hook
+    mode.verbose = verbose
+    old_hook, old_load = mod.bench_hook, common.load_pipeline
     mod.bench_hook = mode.begin
+    if "device" in inspect.signature(old_load).parameters:  # build the real-size models on meta, not on the CPU
+        common.load_pipeline = lambda *a, device=device, **k: old_load(*a, device=device, **k)
     try:
         with meta_autocast_patch(emu), emu, mode, torch.random.fork_rng(devices=[]):
             mod.train(mod.Args(**kw))
         mode.end()
     finally:
-        mod.bench_hook = old_hook
+        mod.bench_hook, common.load_pipeline = old_hook, old_load
     recs = mode.steps[4:]  # the files time 2 warm-up steps of each kind first
     if not recs:
         raise RuntimeError(f"{mod_name}: no bench steps recorded (is bench_hook called?)")
@@ -370,6 +384,7 @@ def main(argv=None) -> list:
     p.add_argument("--batch", type=int, default=0, help="per-GPU batch (0 = the paper's, GAD Table 11)")
     p.add_argument("--pairs", type=int, default=0, help="base/GAD pairs after warm-up (0 = 1; gad_sid: 4, its k is random)")
     p.add_argument("--out", default="", help="also write the markdown table to this directory")
+    p.add_argument("--verbose", action="store_true", help="progress per traced step on stderr")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     lines = ["Rates (effective TFLOP/s, one H200): " + ", ".join(f"{k} {v:.0f}" for k, v in RATES.items())
@@ -382,7 +397,7 @@ def main(argv=None) -> list:
         batch = a.batch or FILES[key][2]
         pairs = a.pairs or (4 if key == "sid" else 1)
         for cfg in a.configs:
-            r = run_file(key, a.model, cfg, batch, pairs)
+            r = run_file(key, a.model, cfg, batch, pairs, verbose=a.verbose)
             name = CONFIGS[cfg][0]
             if "na" in r:
                 lines.append(f"| {FILES[key][0]} | {batch} | ({cfg}) {name} | n/a: {r['na']} | | | | | | |")
