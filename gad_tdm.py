@@ -93,12 +93,12 @@ class Args:
     gad_weight: float = 1.0  # lambda of Eq. 7 (Table 11); 0 = plain TDM
     gad_h: float = 1e-2  # perturbation scale h (Table 11)
     gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 9-10 as printed
-    gad_jvp: Literal["fd", "exact"] = "fd"  # finite difference (Eq. 10) or exact forward-mode JVP
+    gad_jvp: Literal["exact", "fd"] = "exact"  # Eq. 10's Delta as h J v by forward-mode AD, or a finite difference
     gad_t_range: Literal["all", "high", "mid", "low"] = "all"  # Table 8: all, tau > 600, 200-600, < 200
     gad_h_schedule: Literal["fixed", "increasing", "decreasing"] = "fixed"  # Table 9: h(tau)
     gad_direction: Literal["gaussian", "unit"] = "gaussian"  # v ~ N(0, I) (paper) or unit norm (released code)
     gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_tau/dtheta (paper) or the student's response
-    gad_fp32: bool = True  # run the finite-difference forwards in fp32 (see the docstring)
+    gad_fp32: bool = False  # exact: JVP forwards in fp32 too (default: the step's precision). fd: always fp32
     # TDM (Luo et al. 2025, as its public code runs it)
     timesteps: tuple[int, ...] = (899, 674, 449, 224)  # student steps, deterministic DDIM between them
     cfg: float = 4.5  # teacher guidance in the generator update
@@ -216,16 +216,13 @@ def direction(shape, kind, device):
 
 
 def responses(f, x, v, h, mode):
-    """f(x) and Eq. 10's Delta = f(x + h v) - f(x), both in fp32. 'fd': x and x + h v batched in one call of f;
-    'exact': Delta = h * J_f(x) v by forward-mode AD (math attention kernel)."""
+    """f(x) and Eq. 10's Delta = f(x + h v) - f(x), returned in fp32. 'exact': Delta = h J_f(x) v by forward-mode AD
+    (common.jvp_pair), in the caller's precision; 'fd': x and x + h v batched in one call of f (call it in fp32)."""
     x, v = x.float(), v.float()
     if mode == "fd":
         base, pert = f(torch.cat([x, x + h * v]), n=2).float().chunk(2)
         return base, pert - base
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        base, jv = torch.func.jvp(lambda y: f(y, n=1).float(), (x,), (v,))
+    base, jv = common.jvp_pair(lambda y: f(y, n=1).float(), x, v)
     return base, h * jv
 
 
@@ -281,12 +278,9 @@ def train(args: Args) -> dict:
     common.seed_everything(args.seed, dist.rank)
     if args.batch_size % dist.world_size or args.gad_h <= 0 or len(args.timesteps) < 1:
         raise ValueError("need batch_size divisible by world size, gad_h > 0 and at least one timestep")
-    if args.gad_path == "response" and args.gad_jvp == "exact":  # backprop through torch.func.jvp is wrong here
-        raise ValueError("--gad-path response needs --gad-jvp fd: back-propagating through torch.func.jvp gave weight "
-                         "gradients ~9% off a numerical derivative on PixArt (tests/test_gad_tdm.py)")
     B = args.batch_size // dist.world_size
-    # cuDNN/matmul TF32 would round the fp32 finite differences to a 10-bit mantissa (a 1e-2 move: ~5% noise)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.gad_jvp == "fd" or args.gad_fp32:  # TF32 would round fp32 differences to a 10-bit mantissa (~5% noise)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     # models: frozen teacher, trainable student and fake score, both initialised from the teacher
     pipe = common.load_pipeline("pixart", args.model, torch.float32)
@@ -313,7 +307,8 @@ def train(args: Args) -> dict:
     T = torch.tensor(list(args.timesteps) + [0], device=device)  # t_0 > ... > t_{K-1} > 0
     K = len(args.timesteps)
     ac = lambda: common.autocast(device, dtype)
-    fp32 = lambda: torch.autocast(device.type, enabled=False) if args.gad_fp32 else ac()
+    # precision of the response forwards: a finite difference only in fp32; a JVP in the step's precision by default
+    fp32 = lambda: torch.autocast(device.type, enabled=False) if args.gad_fp32 or args.gad_jvp == "fd" else ac()
 
     def draw_step():
         """Pick a student step k per sample, its t_g, next ODE time t_mid and tau ~ U[max(20, t_mid), t_g - 10)."""
@@ -384,8 +379,8 @@ def train(args: Args) -> dict:
             with student_ddp.no_sync() if dist.world_size > 1 else contextlib.nullcontext():
                 backward(loss_g)
             f_S = lambda x, n: predict(student_ddp, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
-            with fp32():
-                dS = responses(f_S, xt, v, h, "fd")[1]
+            with fp32():  # exact: back-propagating through the tangent (reverse over forward, common.jvp_pair)
+                dS = responses(f_S, xt, v, h, args.gad_jvp)[1]
             dS = dS / (h if args.gad_form == "jvp" else 1.0)
             gad, mismatch = gad_surrogate(dS, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = args.gad_weight * gad
