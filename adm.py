@@ -84,7 +84,7 @@ class Args:
     shard_size: int = 64  # ADP: pairs per shard file (resumable)
     init: str = ""  # start the generator from this ckpt.pt (dmdx sets it to the ADP checkpoint)
     # --- run / system ---
-    model: str = ""  # hub id, local dir or 'tiny'; '' = the family's default (SD3-Medium, SDXL-Base)
+    model: str = ""  # hub id, local dir, 'tiny' or 'random' (real size); '' = the family's default (SD3-Medium, SDXL-Base)
     out: str = "runs/adm"  # output directory
     steps: int = 8000  # generator iterations per stage (Sec. 5: 8K)
     batch_size: int = 4  # per-GPU batch (Table 7: micro batch 4)
@@ -477,6 +477,7 @@ def train_stage(args: Args) -> dict:
     common.seed_everything(args.seed)  # same (tiny, random) models on every rank; data seeds get the rank offset below
     family, model = args.family, args.model or DEFAULT_MODEL[args.family]
     model = f"tiny-{family}" if model == "tiny" else model
+    model = ("random-sd3m" if family == "sd3" else "random-sdxl") if model == "random" else model  # SD3-Medium, as above
     N = args.gen_steps or (4 if family == "sd3" else 1)
     lr_g = args.lr_g or (1e-6 if args.stage == "adp" or family == "sd3" else 1e-7)  # App. B.5
     # models: generator G <- F, fake f <- F (ADM), D = frozen teacher F + trainable heads

@@ -308,10 +308,13 @@ def _check_tokenizers(pipe, model_id: str) -> None:
         if tok is not None and len(tok) < 200:
             raise RuntimeError(f"{model_id}: {name} has only {len(tok)} tokens; the tokenizer did not load properly")
 
-def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, device=None):
     """The family's diffusers pipeline, all parts in `dtype` and frozen in eval mode.
 
-    `model`: 'tiny' / 'tiny-<family>' (random weights, offline), a local directory, or a hub id.
+    `model`: 'tiny' / 'tiny-<family>' (small, random weights, offline), 'random' / 'random-<variant>' (real size,
+    random weights, offline: see random_variant), a local directory, or a hub id.
+    `device`: where the pipeline ends up; a random model is built there directly, so device='meta' gives the
+    real-size architecture without memory (parameter counts, FLOP counting). Default: CPU.
     The method file copies the denoiser for its student and fake score and casts them to fp32.
     """
     import diffusers
@@ -324,6 +327,9 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
             pipe = TINY[family]()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
+    elif is_random(model):
+        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+            pipe = _random_pipeline(family, random_variant(family, model))
     else:
         if not os.path.isdir(model):
             _check_reachable(model)
@@ -338,7 +344,7 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32):
                 m.to(dtype=dtype)
             m.eval().requires_grad_(False)
     pipe.denoiser_name = denoiser
-    return pipe
+    return pipe.to(device) if device is not None and not is_random(model) else pipe
 
 def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None) -> str:
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
@@ -473,6 +479,74 @@ def _tiny_sdxl():
                                      tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=sched)
 
 TINY = {"sd21": _tiny_sd21, "pixart": _tiny_pixart, "sana": _tiny_sana, "sd3": _tiny_sd3, "sdxl": _tiny_sdxl}
+
+# Random: each family's real architecture, built from the real configs shipped as data in configs/<variant>/
+# (<component>.json as on the hub; sources in configs/README.md) by diffusers' and transformers' own from-config
+# initialisation. Tokenizers: the tiny offline ones above (the real ones need a download) with the real
+# model_max_length; their ids (< 400) stay below every real vocabulary (CLIP 49408, T5 32128, Gemma 256000),
+# so prompts encode, but into different token sequences than the real tokenizers would give.
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+RANDOM_VARIANTS = {"sd21": ("sd21",), "pixart": ("pixart",), "sana": ("sana",), "sd3": ("sd35m", "sd3m"),
+                   "sdxl": ("sdxl",)}  # the first is the family's default (FAMILIES' hub id)
+TEXT_MAX_LENGTH = {"pixart": 120, "sana": 300, "sd3": 256}  # T5 / Gemma lengths the pipelines use; CLIP keeps 77
+_TINY_TOKENIZERS = {"CLIPTokenizer": _tiny_clip_tokenizer, "T5Tokenizer": _tiny_t5_tokenizer,
+                    "GemmaTokenizer": _tiny_gemma_tokenizer}
+
+def is_random(model: str) -> bool:
+    return model == "random" or model.startswith("random-")
+
+def random_variant(family: str, model: str) -> str:
+    """The config set (a folder of configs/) that `model` names: 'random' and 'random-<family>' give the family's
+    default (sd3: SD3.5-Medium, 'sd35m'); 'random-sd35m' / 'random-sd3m' choose SD3.5-Medium / SD3-Medium."""
+    name = model.removeprefix("random").removeprefix("-") or family
+    variants = RANDOM_VARIANTS[family]
+    if name == family or name in variants:
+        return variants[0] if name == family else name
+    choices = ", ".join(["random", f"random-{family}"] + [f"random-{v}" for v in variants if v != family])
+    raise ValueError(f"--model {model} is not a {family} model; choose one of: {choices}")
+
+def _random_component(variant: str, component: str):
+    """One component from configs/<variant>/<component>.json: diffusers classes by '_class_name', transformers
+    models by 'architectures', each with its library's default initialisation."""
+    import diffusers
+    import transformers
+    with open(os.path.join(CONFIGS, variant, component + ".json")) as f:
+        cfg = json.load(f)
+    torch.manual_seed(0)  # each component's weights do not depend on which were built before it
+    if "_class_name" in cfg:
+        cls = getattr(diffusers, cfg["_class_name"])
+        if issubclass(cls, diffusers.SchedulerMixin):
+            with torch.device("cpu"):  # tables, not weights: the pipeline's sampler reads them on the CPU
+                return cls.from_config(cfg)
+        return cls.from_config(cfg)
+    cls = getattr(transformers, cfg["architectures"][0])
+    return cls(cls.config_class.from_dict(cfg))
+
+def _random_pipeline(family: str, variant: str):
+    import diffusers
+    cls = getattr(diffusers, FAMILIES[family][0])
+    parts = {f[:-5]: _random_component(variant, f[:-5]) for f in sorted(os.listdir(os.path.join(CONFIGS, variant)))
+             if f.endswith(".json")}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        kind = getattr(p.annotation, "__name__", str(p.annotation))
+        if name.startswith("tokenizer"):
+            parts[name] = _TINY_TOKENIZERS[kind]()
+            if kind != "CLIPTokenizer":
+                parts[name].model_max_length = TEXT_MAX_LENGTH[family]
+        elif name not in parts and name != "self" and p.default is inspect.Parameter.empty:
+            parts[name] = None  # safety checker, feature extractor: not part of the model
+    if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
+        parts["requires_safety_checker"] = False  # as in SD 2.1-base's model_index.json
+    return cls(**parts)
+
+def random_denoiser(family: str, device="cpu", dtype: torch.dtype = torch.float32, model: str = "random"):
+    """Only the denoiser of `load_pipeline(family, model)` for a random `model`, with the same weights, in train
+    mode with gradients on. Small enough for CPU in fp32: pixart 0.61B, sana 0.59B, sd21 0.87B parameters."""
+    variant = random_variant(family, model)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        net = _random_component(variant, FAMILIES[family][1])
+    return net if net.dtype == dtype else net.to(dtype=dtype)
 
 # ==== Prompt encoding: the pipeline's own encode_prompt, returned as keyword arguments for the
 # denoiser's forward (cond, uncond), so a method file calls `model(x, timestep=t, **cond)`.

@@ -68,7 +68,7 @@ class Args:
     min_t: float = 0.02  # DMD timesteps are drawn from [min_t, max_t] x T (DMD2)
     max_t: float = 0.98  # upper end of the DMD timestep range
     # run / system
-    model: str = ""  # hub id, local dir or tiny-<family>; '' = the family's default (common.FAMILIES)
+    model: str = ""  # hub id, local dir, tiny-<family> or random[-sd35m|-sd3m] (real size); '' = the family's default
     out: str = "runs/dpdmd"  # output directory
     steps: int = 6000  # iterations, fake and student updates together (paper's count lost in extraction)
     batch_size: int = 4  # per-GPU batch of prompts (paper's value lost in extraction)

@@ -81,7 +81,7 @@ class Args:
     id_prompts: int = 100  # prompts per seed (70% train / 30% test)
     eval_fd_h: float = 1e-3  # central-difference step for the geometry metrics (fp32)
     # run / system
-    model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id, local dir, or 'tiny'
+    model: str = "stabilityai/stable-diffusion-2-1-base"  # hub id, local dir, 'tiny', or 'random' (real size)
     out: str = "runs/gad_ladd"  # output directory
     device: str = "auto"  # auto / cpu / cuda
     seed: int = 0  # global seed (rank offset added)

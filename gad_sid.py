@@ -83,7 +83,7 @@ class Args:
     gad_jvp: Literal["fd", "exact"] = "fd"  # fd: fp32 finite differences; exact: forward-mode AD
     gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_t/dtheta (paper) or G's own response
     gad_batched: bool = True  # fp32 + fd: perturbed rows ride in the SiD teacher/fake forwards (fewest calls)
-    model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, or 'tiny'
+    model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, 'tiny', or 'random' (real size)
     out: str = "runs/gad_sid"  # output directory
     steps: int = 5000  # training iterations (Table 11, SANA)
     batch_size: int = 8  # per GPU (Table 11, SANA)

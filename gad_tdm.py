@@ -110,7 +110,7 @@ class Args:
     weight_decay: float = 1e-2  # AdamW weight decay (TDM code)
     grad_clip: float = 1.0  # gradient-norm clip of the student
     # run
-    model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, or 'tiny'
+    model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, 'tiny', or 'random' (real size)
     steps: int = 2000  # training iterations (Table 11)
     batch_size: int = 64  # global batch (Table 11), split across ranks
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
