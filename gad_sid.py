@@ -80,7 +80,8 @@ class Args:
     gad_weight: float = 1.0  # lambda, Eq. 7 (Table 11); 0 = plain SiD
     gad_h: float = 1e-2  # perturbation scale h (Table 11, SANA)
     gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 9 as printed
-    gad_jvp: Literal["fd", "exact"] = "fd"  # fd: fp32 finite differences; exact: forward-mode AD
+    gad_jvp: Literal["exact", "fd"] = "exact"  # exact: forward-mode AD (h J v); fd: finite differences in fp32
+    gad_fp32: bool = False  # exact: JVPs in fp32 too (default: the step's precision, bf16 on CUDA). fd: always fp32
     gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_t/dtheta (paper) or G's own response
     gad_batched: bool = True  # fp32 + fd: perturbed rows ride in the SiD teacher/fake forwards (fewest calls)
     model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, 'tiny', or 'random' (real size)
@@ -165,13 +166,15 @@ def pair(c: dict) -> dict:
     return common.cat(c, c)
 
 
-def gad_delta(net, x_t, sigma, v_dir, h: float, mode: str, cond, uncond=None, w: float = 1.0) -> torch.Tensor:
-    """Eq. 10 in x0 form, fp32, no grad: Delta x0 = x0(x_t + h v) - x0(x_t) (one batched forward of the pair),
-    or h J_x0(x_t) v by forward-mode AD (mode 'exact')."""
+def gad_delta(net, x_t, sigma, v_dir, h: float, mode: str, cond, uncond=None, w: float = 1.0, ac=None) -> torch.Tensor:
+    """Eq. 10 in x0 form, no grad, returned in fp32: h J_x0(x_t) v by forward-mode AD (mode 'exact', common.jvp_pair)
+    under the autocast context `ac` (None: fp32), or Delta x0 = x0(x_t + h v) - x0(x_t) from one batched fp32
+    forward of the pair (mode 'fd': a finite difference is never taken in half precision)."""
     x, v_dir = x_t.detach().float(), v_dir.float()
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    fp32 = torch.autocast(x.device.type, enabled=False)
+    with torch.no_grad(), (ac if ac is not None and mode == "exact" else fp32):
         if mode == "exact":
-            return h * common.jvp(lambda z: x0_pred(net, z, sigma, cond, uncond, w), x, v_dir, "exact")
+            return h * common.jvp_pair(lambda z: x0_pred(net, z, sigma, cond, uncond, w), x, v_dir)[1].float()
         y = x0_pred(net, torch.cat([x, x + h * v_dir]), sigma.repeat(2), pair(cond),
                     None if uncond is None else pair(uncond), w)
         y0, y1 = y.chunk(2)
@@ -242,8 +245,9 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
             y_r = x0_pred(teacher, x_t, sigma, cond, uncond, args.cfg)
             y_f = x0_pred(fake, x_t, sigma, cond, u_f, cfg_f)
         if v_dir is not None:
-            dy_r = gad_delta(teacher, x_t, sigma, v_dir, h, args.gad_jvp, cond, uncond, args.cfg)
-            dy_f = gad_delta(fake, x_t, sigma, v_dir, h, args.gad_jvp, cond, u_f, cfg_f)
+            jac = None if args.gad_fp32 else ac  # precision of the JVP forwards
+            dy_r = gad_delta(teacher, x_t, sigma, v_dir, h, args.gad_jvp, cond, uncond, args.cfg, jac)
+            dy_f = gad_delta(fake, x_t, sigma, v_dir, h, args.gad_jvp, cond, u_f, cfg_f, jac)
     loss_sid = sid_generator_loss(y_r, y_f, x_g, sigma, args.alpha)
     out = {}
     loss_gad = torch.zeros((), device=x_g.device)
@@ -260,9 +264,13 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
         with G.no_sync() if hasattr(G, "no_sync") else contextlib.nullcontext():
             loss_sid.backward()
         x, vd = x_t.detach().float(), v_dir.float()
-        with torch.autocast(x.device.type, enabled=False):  # finite differences only (see train())
-            y0, y1 = x0_pred(G, torch.cat([x, x + h * vd]), sigma.repeat(2), pair(cond)).chunk(2)
-            dS = y1 - y0
+        if args.gad_jvp == "exact":  # back-propagating through the tangent (reverse over forward, common.jvp_pair)
+            with ac if not args.gad_fp32 else torch.autocast(x.device.type, enabled=False):
+                dS = h * common.jvp_pair(lambda z: x0_pred(G, z, sigma, cond), x, vd)[1].float()
+        else:
+            with torch.autocast(x.device.type, enabled=False):  # a finite difference only in fp32
+                y0, y1 = x0_pred(G, torch.cat([x, x + h * vd]), sigma.repeat(2), pair(cond)).chunk(2)
+                dS = y1 - y0
         loss_gad = gad_surrogate(D, dS / h if args.gad_form == "jvp" else dS)
         common.check_finite(step, loss_gad=loss_gad)
         (args.gad_weight * loss_gad).backward()
@@ -306,16 +314,13 @@ def train(args: Args, pipe=None) -> dict:
     dtype = common.resolve_dtype(args.dtype, device)
     if dtype == torch.float16:
         raise ValueError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
-    if args.gad_path == "response" and args.gad_jvp == "exact":  # see gad_tdm.py: backprop through func.jvp is off
-        raise ValueError("--gad-path response needs --gad-jvp fd (back-propagating through torch.func.jvp gives wrong "
-                         "weight gradients; see gad_tdm.py)")
     common.seed_everything(args.seed, dist.rank)
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
 
     # models: teacher frozen; generator G and fake score F initialised from it, fp32 weights
-    # cuDNN/matmul TF32 would round the fp32 finite differences to a 10-bit mantissa (a 1e-2 move: ~5% noise)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.gad_jvp == "fd" or args.gad_fp32:  # TF32 would round fp32 differences to a 10-bit mantissa (~5% noise)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     pipe = pipe if pipe is not None else common.load_pipeline("sana", args.model, torch.float32)
     pipe.to(device)
     if dtype != torch.float32:
