@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import gc
 import importlib
+import inspect
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_cost import CONFIGS, FILES, FP32_ALWAYS  # noqa: E402
+from gpu_cost import CONFIGS, FILES, FP32_ALWAYS, TF32_DEFAULTS  # noqa: E402
 
 import common  # noqa: E402
 
@@ -69,6 +70,17 @@ def gib(nbytes: float) -> float:
     return nbytes / 2**30
 
 
+def default_config(mod_name: str) -> str | None:
+    """Which of CONFIGS the file's own Args defaults are (None: none of them)."""
+    mod, always = importlib.import_module(mod_name), FP32_ALWAYS.get(mod_name, {})
+    defaults = {f.name: f.default for f in dataclasses.fields(mod.Args)}
+    for cfg, (_, flags) in CONFIGS.items():
+        if all(defaults.get(k, always.get(k)) == v for k, v in flags.items()):
+            return cfg
+    fd_fp32 = defaults.get("gad_jvp", always.get("gad_jvp")) == "fd"  # fd is fp32 whatever --gad-fp32 says
+    return "a" if fd_fp32 else None
+
+
 # ==== 1. each GAD file's own --bench
 
 
@@ -106,12 +118,17 @@ def bench_file(key: str, a, config: str | None) -> dict:
 # ==== 2. response estimate against a float64 exact JVP
 
 
+@contextlib.contextmanager
 def precision(device, config: str):
-    """The precision context a config runs its response in: bf16 autocast, or fp32 with TF32 off."""
-    if CONFIGS[config][1]["gad_fp32"]:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        return torch.autocast(device.type, enabled=False)
-    return common.autocast(device, torch.bfloat16)
+    """The precision a config runs its response in: fp32 with TF32 off, or bf16 autocast with torch's TF32 defaults."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    fp32 = CONFIGS[config][1]["gad_fp32"] or CONFIGS[config][1]["gad_jvp"] == "fd"
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = (False, False) if fp32 else TF32_DEFAULTS
+    try:
+        with torch.autocast(device.type, enabled=False) if fp32 else common.autocast(device, torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def jvp64(f, x, v):
@@ -123,8 +140,10 @@ def jvp64(f, x, v):
 
 
 def response_inputs(key: str, a, device):
-    """(pipe, network, cond, maps) for one file: maps[mode](net, cond, x, v, h) is the file's own response function,
-    ref(net64, cond64, x) the map whose JVP is the reference. Cond: the file's encoder on the first prompts."""
+    """(pipe, network, cond, est, ref, h) for one file: est(net, cond, x, v, h, mode, ac) is the file's own response
+    function (ac: the autocast context a bf16 JVP runs in, for files that take it as an argument; the others run in
+    the caller's context), ref(net64, cond64, x) the map whose JVP is the reference. Cond: the file's encoder on the
+    first prompts."""
     _, family, _ = FILES[key]
     with patched(common, load_pipeline=loader_on(device)):
         pipe = common.load_pipeline(family, a.model, torch.float32)
@@ -141,18 +160,20 @@ def response_inputs(key: str, a, device):
         def f(net, c):  # the fake score's x0 map as step_fn's f_F: n copies of the batch in one forward
             return lambda y, n=1: M.predict(net, y, tau.repeat(n), common.cat(*[c] * n), abar)[1]
 
-        est = lambda net, c, x, v, h, mode: M.responses(f(net, c), x, v, h, mode)[1]  # noqa: E731
+        est = lambda net, c, x, v, h, mode, ac: M.responses(f(net, c), x, v, h, mode)[1]  # noqa: E731
         return pipe, net, cond, est, lambda net, c, y: f(net, c)(y), M.Args().gad_h
     if key == "sid":
         import gad_sid as M
 
         sigma = torch.full((SAMPLES,), 0.5, device=device)
-        est = lambda n, c, x, v, h, mode: M.gad_delta(n, x, sigma, v, h, mode, c)  # noqa: E731
+        takes_ac = "ac" in inspect.signature(M.gad_delta).parameters  # the precision of its JVP forwards
+        est = lambda n, c, x, v, h, mode, ac: M.gad_delta(n, x, sigma, v, h, mode, c,  # noqa: E731
+                                                          **({"ac": ac} if takes_ac else {}))
         return pipe, net, cond, est, lambda n, c, y: M.x0_pred(n, y, sigma, c), M.Args().gad_h
     import gad_ladd as M
 
     ab, pt = pipe.scheduler.alphas_cumprod.to(device), pipe.scheduler.config.prediction_type
-    est = lambda n, c, x, v, h, mode: M.student_pair(n, x, v, h, c, ab, pt)[1]  # noqa: E731
+    est = lambda n, c, x, v, h, mode, ac: M.student_pair(n, x, v, h, c, ab, pt)[1]  # noqa: E731
     return pipe, net, cond, est, lambda n, c, y: M.student_x0(n, y, c, ab, pt), M.Args().h
 
 
@@ -180,8 +201,10 @@ def response_check(key: str, a) -> list:
         if any(k not in fields and always.get(k) != val for k, val in flags.items()):
             rows.append((cfg, name, None, None))
             continue
+        bf16 = not flags["gad_fp32"] and flags["gad_jvp"] == "exact"
         with torch.no_grad(), precision(device, cfg):
-            d = est(net, cond, x, v, h, flags["gad_jvp"]).double()
+            d = est(net, cond, x, v, h, flags["gad_jvp"], common.autocast(device, torch.bfloat16) if bf16 else None)
+        d = d.double()
         cos = torch.nn.functional.cosine_similarity(d.flatten(1), ref.flatten(1), dim=1).mean().item()
         rel = ((d - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean().item()
         rows.append((cfg, name, cos, rel))
@@ -247,7 +270,9 @@ def main(argv=None) -> dict:
             for cfg in a.configs:
                 r = bench_file(key, a, None if cfg == "default" else cfg)
                 res["bench"].append(dict(file=key, config=cfg, **r))
-                name = "file default" if cfg == "default" else f"({cfg}) {CONFIGS[cfg][0]}"
+                d = default_config(FILES[key][0])
+                name = (f"default = ({d}) {CONFIGS[d][0]}" if d else "file default") if cfg == "default" else \
+                    f"({cfg}) {CONFIGS[cfg][0]}"
                 if "na" in r:
                     lines.append(f"| {FILES[key][0]} | {name} | n/a: {r['na']} | | | | |")
                 else:
@@ -263,7 +288,8 @@ def main(argv=None) -> dict:
         for key in a.files:
             for cfg, name, cos, rel in response_check(key, a):
                 res["response"].append(dict(file=key, config=cfg, cos=cos, rel=rel))
-                lines.append(f"| {FILES[key][0]} | ({cfg}) {name} | " +
+                mark = " (file default)" if cfg == default_config(FILES[key][0]) else ""
+                lines.append(f"| {FILES[key][0]} | ({cfg}) {name}{mark} | " +
                              ("n/a | |" if cos is None else f"{cos:.5f} | {rel:.2e} |"))
                 print(lines[-1], flush=True)
         lines.append("")

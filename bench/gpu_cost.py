@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,7 +75,6 @@ CONFIGS = {"a": ("fd fp32 (TF32 off)", dict(gad_jvp="fd", gad_fp32=True)),
            "b": ("exact JVP bf16", dict(gad_jvp="exact", gad_fp32=False)),
            "c": ("exact JVP fp32", dict(gad_jvp="exact", gad_fp32=True))}
 FP32_ALWAYS = {"gad_ladd": {"gad_jvp": "fd", "gad_fp32": True}}  # what a file without these fields always does
-FP32_ALWAYS["gad_sid"] = {"gad_fp32": True}  # before --gad-fp32: fd and exact responses run in fp32
 
 
 # ==== CUDA behaviour on the meta device: autocast and fused attention
@@ -123,13 +121,22 @@ class MetaCuda(TorchFunctionMode):
         enabled, dtype = self.stack[-1]
         name = getattr(func, "__name__", "")
         if enabled and name in LOWER:
-            args, kwargs = tree_map(lambda x: self._cast(x, dtype, True), (args, kwargs))
+            args, kwargs = mapped(lambda x: self._cast(x, dtype, True), (args, kwargs))
         elif enabled and name in FP32:
-            args, kwargs = tree_map(lambda x: self._cast(x, torch.float32, False) if torch.is_tensor(x)
-                                    and x.dtype in (torch.float16, torch.bfloat16) else x, (args, kwargs))
+            args, kwargs = mapped(lambda x: self._cast(x, torch.float32, False) if isinstance(x, torch.Tensor)
+                                  and x.dtype in (torch.float16, torch.bfloat16) else x, (args, kwargs))
         if func is F.scaled_dot_product_attention and args and args[0].device.type == "meta":
             return fused_sdpa(func, *args, **kwargs)
         return func(*args, **kwargs)
+
+
+def mapped(fn, x):
+    """fn applied to the leaves of nested lists, tuples and dicts (torch's pytree is slow on this hot path)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(mapped(fn, y) for y in x) if type(x) in (list, tuple) else x
+    if isinstance(x, dict):
+        return {k: mapped(fn, y) for k, y in x.items()}
+    return fn(x)
 
 
 def fused_sdpa(func, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -149,7 +156,8 @@ def fused_sdpa(func, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 @contextlib.contextmanager
 def meta_autocast_patch(emu: MetaCuda):
-    """Route torch.autocast('meta', ...) to the emulator; every other device type keeps the real torch.autocast."""
+    """Route torch.autocast('meta', ...), torch.is_autocast_enabled('meta') and torch.get_autocast_dtype('meta') to
+    the emulator; every other device type keeps the real ones."""
     real = torch.autocast
 
     class autocast:  # noqa: N801 (stands in for torch.autocast)
@@ -167,17 +175,22 @@ def meta_autocast_patch(emu: MetaCuda):
         def __exit__(self, *exc):
             emu.pop()
 
+    real_enabled, real_dtype = torch.is_autocast_enabled, torch.get_autocast_dtype
     torch.autocast = autocast
+    torch.is_autocast_enabled = lambda *a: emu.stack[-1][0] if a and str(a[0]) == "meta" else real_enabled(*a)
+    torch.get_autocast_dtype = lambda d: emu.stack[-1][1] if str(d) == "meta" else real_dtype(d)
     try:
         yield
     finally:
-        torch.autocast = real
+        torch.autocast, torch.is_autocast_enabled, torch.get_autocast_dtype = real, real_enabled, real_dtype
 
 
 # ==== counting FLOPs, bytes and live memory
 
 CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: False,
             aten._scaled_dot_product_flash_attention_for_cpu_backward: True}  # not in flop_registry: by hand
+TF32_DEFAULTS = (False, True)  # torch's defaults for torch.backends.cuda.matmul / cudnn.allow_tf32
+LAYOUTS = {}  # meta output layouts by (op, input layouts, arguments), shared by every CostMode in the process
 SCALAR = {torch.bool: True}  # a plausible answer to .item() / bool() on meta: True, 1 or 1.0
 
 
@@ -189,7 +202,7 @@ class CostMode(TorchDispatchMode):
         self.device, self.storages, self.tracked, self.live_bytes, self.peak = device, {}, {}, 0, 0
         self.flops, self.bytes, self.scalar_reads = Counter(), 0, Counter()
         self.steps, self.current, self.scanned = [], None, False
-        self.cacheable, self.layouts, self.n_ops, self.t0, self.verbose = {}, {}, 0, time.perf_counter(), False
+        self.cacheable, self.layouts, self.n_ops, self.t0, self.verbose = {}, LAYOUTS, 0, time.perf_counter(), False
 
     # --- live memory: every tensor an op returns holds its storage; a storage is freed when the last of its tensors
     # is (weakref.finalize; a tensor kept only by autograd keeps its Python object too: PyObject preservation)
@@ -238,7 +251,6 @@ class CostMode(TorchDispatchMode):
 
     def end(self):
         if self.current is not None:
-            gc.collect()  # reference cycles that hold tensors (e.g. closures) would be collected on CUDA too
             self.current.update(flops=dict(self.flops), bytes=self.bytes, peak=max(self.peak, self.live_bytes))
             self.steps.append(self.current)
             self.current = None
@@ -246,16 +258,18 @@ class CostMode(TorchDispatchMode):
     # --- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs, self.n_ops = kwargs or {}, self.n_ops + 1
-        first = next((a for a in leaves(args) if isinstance(a, torch.Tensor)), None)
+        ins = leaves((args, kwargs))
+        first = next((a for a in ins if isinstance(a, torch.Tensor)), None)
         on_meta = first is not None and first.device.type == "meta"
         if func is aten._local_scalar_dense.default and on_meta:
             self.scalar_reads[str(first.dtype)] += 1
             return SCALAR.get(first.dtype, 1.0 if first.is_floating_point() else 1)
         if func is aten._to_copy.default and on_meta and kwargs.get("device") not in (None, torch.device("meta")):
             return torch.zeros(first.shape, dtype=kwargs.get("dtype") or first.dtype, device=kwargs["device"])
-        out = self._run(func, args, kwargs) if on_meta else func(*args, **kwargs)
-        self._count(func, args, kwargs, out, first)
-        for t in leaves(out):
+        out = self._run(func, args, kwargs, ins) if on_meta else func(*args, **kwargs)
+        outs = [out] if isinstance(out, torch.Tensor) else leaves(out)
+        self._count(func, args, kwargs, out, first, ins, outs)
+        for t in outs:
             if isinstance(t, torch.Tensor):
                 self._add(t)
         return out
@@ -263,14 +277,14 @@ class CostMode(TorchDispatchMode):
     # --- speed: meta kernels are often Python decompositions (~0.1-5 ms per op). A functional op's meta output
     # depends only on its inputs' shapes, strides and dtypes and its other arguments, so repeats (the same block
     # in every layer) are answered from a cache of output layouts. Views, in-place and out= ops always run.
-    def _run(self, func, args, kwargs):
+    def _run(self, func, args, kwargs, ins):
         if func not in self.cacheable:
             self.cacheable[func] = all(r.alias_info is None for r in func._schema.returns)
         if not self.cacheable[func]:
             return func(*args, **kwargs)
         key = (func, *[(x.shape, x.stride(), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else
                        (type(x), x if isinstance(x, (int, float, bool, str, type(None))) else str(x))
-                       for x in leaves((args, kwargs))])
+                       for x in ins])
         layout = self.layouts.get(key)
         if layout is None:
             out = func(*args, **kwargs)
@@ -283,7 +297,7 @@ class CostMode(TorchDispatchMode):
         outs = [torch.empty_strided(sh, st, dtype=dt, device="meta") for sh, st, dt in outs]
         return outs[0] if single else tuple(outs)
 
-    def _count(self, func, args, kwargs, out, first):
+    def _count(self, func, args, kwargs, out, first, ins, outs):
         packet = func._overloadpacket
         if packet in flop_registry:
             n = flop_registry[packet](*args, **kwargs, out_val=out)
@@ -293,8 +307,7 @@ class CostMode(TorchDispatchMode):
                 sdpa_flop_count(q.shape, k.shape, v.shape)
         else:
             if not func.is_view and first is not None:
-                tensors = [t for t in leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-                self.bytes += sum(t.numel() * t.element_size() for t in tensors)
+                self.bytes += sum(t.numel() * t.element_size() for t in ins + outs if isinstance(t, torch.Tensor))
             return
         self.flops[compute_class(packet, first.dtype)] += n
 
@@ -351,6 +364,7 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
         kw["out"] = os.path.join(tempfile.gettempdir(), f"gpu_cost_{key}")
     emu, mode = MetaCuda(), CostMode(device)
     mode.verbose = verbose
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # a fresh process
     old_hook, old_load = mod.bench_hook, common.load_pipeline
     mod.bench_hook = mode.begin
     if "device" in inspect.signature(old_load).parameters:  # build the real-size models on meta, not on the CPU
@@ -389,8 +403,8 @@ def main(argv=None) -> list:
     torch.set_num_threads(1)
     lines = ["Rates (effective TFLOP/s, one H200): " + ", ".join(f"{k} {v:.0f}" for k, v in RATES.items())
              + f"; memory-bound ops {HBM_TBS:.2f} TB/s. Model: {a.model} on meta, autocast bf16.", "",
-             "| file | batch | GAD config | base TFLOP (bf16/fp32/attn) | GAD TFLOP (bf16/tf32/fp32/attn bf16/attn fp32)"
-             " | base ms | GAD ms | GAD/base | GAD/base +mem | peak GiB base / GAD |",
+             "| file | batch | GAD config | base TFLOP | GAD TFLOP | base ms | GAD ms | GAD/base | GAD/base +mem |"
+             " peak GiB base / GAD |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for key in a.files:
@@ -414,6 +428,9 @@ def main(argv=None) -> list:
                          f"{row['gad_ms']:.0f} | **{row['ratio']:.2f}** | {row['ratio_mem']:.2f} | "
                          f"{row['peak_base_gib']:.1f} / {row['peak_gad_gib']:.1f} |")
             print(lines[-1], flush=True)
+    lines += ["", "TFLOP columns: bf16 / tf32 / fp32 GEMMs and convolutions / fused attention bf16 / fp32 per step. "
+              "ms: GEMM, convolution and attention time at the rates above; +mem adds the memory-bound ops' bytes at "
+              "HBM speed. Peak: live bytes of meta storages (weights, gradients, AdamW states, activations)."]
     text = "\n".join(lines)
     print("\n" + text)
     if a.out:
