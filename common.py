@@ -1,5 +1,5 @@
 """Plumbing shared by the method files: CLI, device and precision, seeding, distributed,
-checkpoints, logging, model loading (real and tiny), pipeline export, shared metrics.
+checkpoints, logging, model loading (real, tiny, and real-size random), pipeline export, shared metrics.
 
 Nothing in here is a loss or a sampler of any method: those live in the method files, next
 to the equations they implement. Every helper is small enough to read in one sitting.
@@ -271,7 +271,8 @@ def read_prompts(path: str = "") -> list:
 
 # ==== Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
 # Real: DiffusionPipeline.from_pretrained(hub id or local dir). Tiny: the same pipeline class
-# assembled from small configs with random weights and offline tokenizers.
+# assembled from small configs with random weights and offline tokenizers. Random: the same class at real
+# size, from the real configs in configs/ (below the tiny builders).
 
 FAMILIES = {"sd21": ("StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1-base"),
             "pixart": ("PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-512x512"),
@@ -328,7 +329,7 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif is_random(model):
-        with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        with _own_rng(), torch.device(device or "cpu"):
             pipe = _random_pipeline(family, random_variant(family, model))
     else:
         if not os.path.isdir(model):
@@ -483,7 +484,7 @@ TINY = {"sd21": _tiny_sd21, "pixart": _tiny_pixart, "sana": _tiny_sana, "sd3": _
 # Random: each family's real architecture, built from the real configs shipped as data in configs/<variant>/
 # (<component>.json as on the hub; sources in configs/README.md) by diffusers' and transformers' own from-config
 # initialisation. Tokenizers: the tiny offline ones above (the real ones need a download) with the real
-# model_max_length; their ids (< 400) stay below every real vocabulary (CLIP 49408, T5 32128, Gemma 256000),
+# model_max_length; their ids (< 520) stay below every real vocabulary (CLIP 49408, T5 32128, Gemma 256000),
 # so prompts encode, but into different token sequences than the real tokenizers would give.
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -492,6 +493,10 @@ RANDOM_VARIANTS = {"sd21": ("sd21",), "pixart": ("pixart",), "sana": ("sana",), 
 TEXT_MAX_LENGTH = {"pixart": 120, "sana": 300, "sd3": 256}  # T5 / Gemma lengths the pipelines use; CLIP keeps 77
 _TINY_TOKENIZERS = {"CLIPTokenizer": _tiny_clip_tokenizer, "T5Tokenizer": _tiny_t5_tokenizer,
                     "GemmaTokenizer": _tiny_gemma_tokenizer}
+
+def _own_rng():
+    """Seeding inside leaves the caller's CPU and CUDA random streams as they were."""
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())))
 
 def is_random(model: str) -> bool:
     return model == "random" or model.startswith("random-")
@@ -541,10 +546,11 @@ def _random_pipeline(family: str, variant: str):
     return cls(**parts)
 
 def random_denoiser(family: str, device="cpu", dtype: torch.dtype = torch.float32, model: str = "random"):
-    """Only the denoiser of `load_pipeline(family, model)` for a random `model`, with the same weights, in train
-    mode with gradients on. Small enough for CPU in fp32: pixart 0.61B, sana 0.59B, sd21 0.87B parameters."""
+    """Only the denoiser of `load_pipeline(family, model, device=device)` for a random `model`, with the same
+    weights, in train mode with gradients on. Small enough for the CPU in fp32: pixart 0.61B, sana 0.59B, sd21
+    0.87B parameters (building takes ~35-60 s there: the random initialisation is one RNG stream)."""
     variant = random_variant(family, model)
-    with torch.random.fork_rng(devices=[]), torch.device(device):
+    with _own_rng(), torch.device(device):
         net = _random_component(variant, FAMILIES[family][1])
     return net if net.dtype == dtype else net.to(dtype=dtype)
 

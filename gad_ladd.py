@@ -62,7 +62,9 @@ class Args:
     steps: int = 100_000  # training iterations (Table 11)
     batch_size: int = 64  # batch per GPU (Table 11)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA (Table 11), fp32 on CPU
-    h: float = 1e-4  # finite-difference perturbation scale h (Table 11)
+    h: float = 1e-4  # perturbation scale h (Table 11): the teacher's stored pair; the student's with --gad-jvp fd
+    gad_jvp: Literal["exact", "fd"] = "exact"  # student response: h J v by forward-mode AD, or the fp32 z, z' pair
+    gad_fp32: bool = False  # exact: the student's JVP forward in fp32 too (default: the step's precision)
     gad_weight: float = 1.0  # lambda of Eq. 7 (Table 11); 0 = plain LADD
     gad_form: Literal["jvp", "paper"] = "jvp"  # jvp: differences / h (released code); paper: Eq. 8 as printed
     gan_loss: Literal["bce", "hinge"] = "bce"  # bce: Nitro-1 non-saturating; hinge: LADD paper
@@ -151,8 +153,15 @@ def student_x0(student, z, cond, alphas_bar, prediction_type):
     return to_x0_eps(out, z, alphas_bar[t], prediction_type)[0]
 
 
-def student_pair(student, z, v, h, cond, alphas_bar, prediction_type):
-    """z and z' = z + h v in ONE batched forward, in fp32 with autocast off -> (x0_hat(z), x0_hat(z') - x0_hat(z))."""
+def student_pair(student, z, v, h, cond, alphas_bar, prediction_type, mode="fd", ctx=None):
+    """(x0_hat(z), Delta_S) with gradients. 'exact': Delta_S = h J v by forward-mode AD (common.jvp_pair, reverse over
+    forward) under the autocast context ctx (None: fp32). 'fd': Delta_S = x0_hat(z + h v) - x0_hat(z) from z and
+    z' = z + h v in ONE batched forward, in fp32 with autocast off."""
+    if mode == "exact":
+        with ctx if ctx is not None else torch.autocast(z.device.type, enabled=False):
+            x0, jv = common.jvp_pair(lambda y: student_x0(student, y, cond, alphas_bar, prediction_type), z.float(),
+                                     v.float())
+        return x0.float(), h * jv.float()
     # DEVIATION: fp32 regardless of --dtype (Table 11 says bf16): at h = 1e-4 a bf16 difference is rounding noise.
     with torch.autocast(z.device.type, enabled=False):
         zz = torch.cat([z.float(), z.float() + h * v.float()])
@@ -325,7 +334,8 @@ def g_step(S, heads, unet, batch, args, ctx, alphas_bar, pt):
     """Eq. 7: L_G = adv + recon_weight SmoothL1(x0_hat, x0_T) + lambda L_GAD (Eq. 8). D heads get no gradient."""
     z, cond = batch["z"], batch["cond"]
     if args.gad_weight > 0:
-        x0_hat, delta_S = student_pair(S, z, batch["v"], args.h, cond, alphas_bar, pt)
+        x0_hat, delta_S = student_pair(S, z, batch["v"], args.h, cond, alphas_bar, pt, args.gad_jvp,
+                                       None if args.gad_fp32 else ctx)
         l_gad = gad_loss(delta_S, batch["x0_T_prime"] - batch["x0_T"], args.h, args.gad_form)  # Eq. 8
     else:
         with ctx:
@@ -499,6 +509,8 @@ def train(args) -> dict:
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 finite differences need real fp32 (TF32 has a 10-bit mantissa)
     torch.backends.cudnn.allow_tf32 = False
+    if args.grad_ckpt and args.gad_weight > 0 and args.gad_jvp == "exact":  # recomputation drops the tangents
+        raise ValueError("--grad-ckpt needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
     common.seed_everything(args.seed, dist.rank)
     ctx, scaler = common.autocast(device, dtype), common.make_scaler(device, dtype)
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)

@@ -99,15 +99,19 @@ def test_fp32_pair_survives_h_1e4_where_bf16_difference_is_noise(pipe):
     assert cos(d_ours / h) > 0.999
     assert ((d_ours / h).flatten() - ref).norm() / ref.norm() < 0.05
     assert cos(naive) < 0.5  # rounding noise, not the JVP
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the default: the student's JVP in bf16 (h-free)
+        _, d_jvp = G.student_pair(S, b["z"], b["v"], h, b["cond"], ab, pt, "exact", torch.autocast("cpu", torch.bfloat16))
+    assert cos(d_jvp / h) > 0.999
 
 
-def test_gad_term_zero_when_student_is_teacher_map(pipe):
+@pytest.mark.parametrize("mode", ["exact", "fd"])
+def test_gad_term_zero_when_student_is_teacher_map(pipe, mode):
     b, ab = _batch(pipe), _ab(pipe)
     teacher = copy.deepcopy(pipe.unet)
-    _, dT = G.student_pair(teacher, b["z"], b["v"], 1e-4, b["cond"], ab, "epsilon")
+    _, dT = G.student_pair(teacher, b["z"], b["v"], 1e-4, b["cond"], ab, "epsilon", mode)
     b["x0_T"] = torch.randn_like(dT)
-    b["x0_T_prime"] = b["x0_T"] + dT
-    args = G.Args(**{**TINY, "h": 1e-4})
+    b["x0_T_prime"] = b["x0_T"] + dT.detach()
+    args = G.Args(**{**TINY, "h": 1e-4, "gad_jvp": mode})
     heads = G.DHeads(pipe.unet)
     _, _, logs = G.g_step(pipe.unet, heads, pipe.unet, b, args, common.autocast(torch.device("cpu"), torch.float32),
                           ab, "epsilon")
