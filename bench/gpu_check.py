@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_cost import CONFIGS, FILES, FP32_ALWAYS, TF32_DEFAULTS  # noqa: E402
+from gpu_cost import CONFIGS, FILES, TF32_DEFAULTS, overrides  # noqa: E402
 
 import common  # noqa: E402
 
@@ -72,13 +72,11 @@ def gib(nbytes: float) -> float:
 
 def default_config(mod_name: str) -> str | None:
     """Which of CONFIGS the file's own Args defaults are (None: none of them)."""
-    mod, always = importlib.import_module(mod_name), FP32_ALWAYS.get(mod_name, {})
-    defaults = {f.name: f.default for f in dataclasses.fields(mod.Args)}
+    defaults = {f.name: f.default for f in dataclasses.fields(importlib.import_module(mod_name).Args)}
     for cfg, (_, flags) in CONFIGS.items():
-        if all(defaults.get(k, always.get(k)) == v for k, v in flags.items()):
+        if all(defaults.get(k) == v for k, v in flags.items()):
             return cfg
-    fd_fp32 = defaults.get("gad_jvp", always.get("gad_jvp")) == "fd"  # fd is fp32 whatever --gad-fp32 says
-    return "a" if fd_fp32 else None
+    return "a" if defaults.get("gad_jvp") == "fd" else None  # a finite difference is fp32 whatever --gad-fp32 says
 
 
 # ==== 1. each GAD file's own --bench
@@ -88,12 +86,9 @@ def bench_file(key: str, a, config: str | None) -> dict:
     """Run the file's --bench at the paper's batch, halving it on out-of-memory. Returns times, ratio, peaks."""
     mod_name, _, paper_batch = FILES[key]
     mod = importlib.import_module(mod_name)
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
-    over = dict(CONFIGS[config][1]) if config else {}
-    for k in list(over):
-        if k not in fields:
-            if FP32_ALWAYS.get(mod_name, {}).get(k) != over.pop(k):
-                return {"na": f"no --{k.replace('_', '-')}"}
+    fields, over = {f.name for f in dataclasses.fields(mod.Args)}, overrides(mod, config)
+    if isinstance(over, str):
+        return {"na": over}
     batch, oom = a.batch or paper_batch, []
     while batch >= 1:
         kw = dict(model=a.model, device=a.device, batch_size=batch, bench=a.pairs, **over)
@@ -173,7 +168,9 @@ def response_inputs(key: str, a, device):
     import gad_ladd as M
 
     ab, pt = pipe.scheduler.alphas_cumprod.to(device), pipe.scheduler.config.prediction_type
-    est = lambda n, c, x, v, h, mode, ac: M.student_pair(n, x, v, h, c, ab, pt)[1]  # noqa: E731
+    takes_mode = "mode" in inspect.signature(M.student_pair).parameters  # fd only before --gad-jvp
+    est = lambda n, c, x, v, h, mode, ac: M.student_pair(n, x, v, h, c, ab, pt,  # noqa: E731
+                                                         *((mode, ac) if takes_mode else ()))[1]
     return pipe, net, cond, est, lambda n, c, y: M.student_x0(n, y, c, ab, pt), M.Args().h
 
 
@@ -188,7 +185,6 @@ def response_check(key: str, a) -> list:
     """Rows (config, cosine, relative error) of the file's response estimates against the float64 exact JVP."""
     device = torch.device(a.device)
     mod = importlib.import_module(FILES[key][0])
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
     pipe, net, cond, est, ref_map, h = response_inputs(key, a, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(common.latent_shape(pipe, SAMPLES), generator=g).to(device)
@@ -197,8 +193,7 @@ def response_check(key: str, a) -> list:
     free()
     rows = []
     for cfg, (name, flags) in CONFIGS.items():
-        always = FP32_ALWAYS.get(FILES[key][0], {})
-        if any(k not in fields and always.get(k) != val for k, val in flags.items()):
+        if isinstance(overrides(mod, cfg), str):
             rows.append((cfg, name, None, None))
             continue
         bf16 = not flags["gad_fp32"] and flags["gad_jvp"] == "exact"
@@ -262,7 +257,8 @@ def main(argv=None) -> dict:
     os.makedirs(a.out, exist_ok=True)
     t0, lines, res = time.perf_counter(), [], {"bench": [], "response": [], "fit": []}
     dev = torch.cuda.get_device_name() if a.device == "cuda" else a.device
-    lines += [f"gpu_check on {dev}, model {a.model}, torch {torch.__version__}", ""]
+    lines += [f"gpu_check on {dev}, model {a.model}, torch {torch.__version__}"
+              + (" (CPU: the files' bench steps run in fp32, their --dtype auto)" if a.device == "cpu" else ""), ""]
     if "bench" not in a.skip:
         lines += ["| file | GAD config | batch (paper) | base s | GAD s | GAD/base | peak GiB base / GAD |",
                   "|---|---|---|---|---|---|---|"]

@@ -74,7 +74,14 @@ FILES = {"tdm": ("gad_tdm", "pixart", 64), "sid": ("gad_sid", "sana", 8), "ladd"
 CONFIGS = {"a": ("fd fp32 (TF32 off)", dict(gad_jvp="fd", gad_fp32=True)),
            "b": ("exact JVP bf16", dict(gad_jvp="exact", gad_fp32=False)),
            "c": ("exact JVP fp32", dict(gad_jvp="exact", gad_fp32=True))}
-FP32_ALWAYS = {"gad_ladd": {"gad_jvp": "fd", "gad_fp32": True}}  # what a file without these fields always does
+
+
+def overrides(mod, config: str | None) -> dict | str:
+    """The Args fields that select `config` in module `mod`, or why the file cannot express it."""
+    fields = {f.name for f in dataclasses.fields(mod.Args)}
+    flags = dict(CONFIGS[config][1]) if config else {}
+    missing = [k for k in flags if k not in fields]
+    return f"{mod.__name__} has no --{missing[0].replace('_', '-')}" if missing else flags
 
 
 # ==== CUDA behaviour on the meta device: autocast and fused attention
@@ -352,13 +359,9 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
     of the base and GAD steps after warm-up. config None = the file's Args as given (plus bf16 autocast)."""
     mod_name, _, _ = FILES[key]
     mod = importlib.import_module(mod_name)
-    fields = {f.name for f in dataclasses.fields(mod.Args)}
-    over = dict(CONFIGS[config][1]) if config else {}
-    always = FP32_ALWAYS.get(mod_name, {})
-    for k in list(over):
-        if k not in fields:  # the file cannot choose this: fine only if it always does what we ask
-            if always.get(k) != over.pop(k):
-                return {"na": f"{mod_name} has no --{k.replace('_', '-')} (always {always.get(k, '?')})"}
+    fields, over = {f.name for f in dataclasses.fields(mod.Args)}, overrides(mod, config)
+    if isinstance(over, str):
+        return {"na": over}
     kw = dict(model=model, device=device, dtype="bf16", batch_size=batch, bench=pairs, threads=1, **over)
     if "out" in fields:
         kw["out"] = os.path.join(tempfile.gettempdir(), f"gpu_cost_{key}")
