@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -306,7 +306,10 @@ class CostMode(TorchDispatchMode):
 
     def _count(self, func, args, kwargs, out, first, ins, outs):
         packet = func._overloadpacket
-        if packet in flop_registry:
+        if packet is aten.convolution_backward and args[9] != 1:  # grouped: the registry's weight-gradient count
+            grad_out, x, w, mask = args[0], args[1], args[2], args[10]  # ignores groups (SANA's depthwise convs:
+            n = conv_flop_count(x.shape, w.shape, grad_out.shape, args[7]) * (mask[0] + mask[1])  # 16x a forward)
+        elif packet in flop_registry:
             n = flop_registry[packet](*args, **kwargs, out_val=out)
         elif packet in CPU_SDPA:
             q, k, v = args[1:4] if CPU_SDPA[packet] else args[:3]
