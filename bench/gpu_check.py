@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 fwAD = torch.autograd.forward_ad
 OOM = (torch.cuda.OutOfMemoryError,)
-SAMPLES = 4  # inputs for the response check
+SAMPLES = {False: 4, True: 2}  # inputs for the response check (--small: 2)
 
 
 @contextlib.contextmanager
@@ -143,14 +143,15 @@ def response_inputs(key: str, a, device):
     with patched(common, load_pipeline=loader_on(device)):
         pipe = common.load_pipeline(family, a.model, torch.float32)
     pipe.to(device)
-    prompts = common.PROMPTS[:SAMPLES]
+    n = SAMPLES[a.small]
+    prompts = common.PROMPTS[:n]
     cond = common.cast(common.encode(pipe, family, prompts, device)[0], torch.float32)
     net = getattr(pipe, pipe.denoiser_name)
     if key == "tdm":
         import gad_tdm as M
 
         abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
-        tau = torch.full((SAMPLES,), 500, device=device)
+        tau = torch.full((n,), 500, device=device)
 
         def f(net, c):  # the fake score's x0 map as step_fn's f_F: n copies of the batch in one forward
             return lambda y, n=1: M.predict(net, y, tau.repeat(n), common.cat(*[c] * n), abar)[1]
@@ -160,7 +161,7 @@ def response_inputs(key: str, a, device):
     if key == "sid":
         import gad_sid as M
 
-        sigma = torch.full((SAMPLES,), 0.5, device=device)
+        sigma = torch.full((n,), 0.5, device=device)
         takes_ac = "ac" in inspect.signature(M.gad_delta).parameters  # the precision of its JVP forwards
         est = lambda n, c, x, v, h, mode, ac: M.gad_delta(n, x, sigma, v, h, mode, c,  # noqa: E731
                                                           **({"ac": ac} if takes_ac else {}))
@@ -187,7 +188,7 @@ def response_check(key: str, a) -> list:
     mod = importlib.import_module(FILES[key][0])
     pipe, net, cond, est, ref_map, h = response_inputs(key, a, device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(common.latent_shape(pipe, SAMPLES), generator=g).to(device)
+    x = torch.randn(common.latent_shape(pipe, SAMPLES[a.small]), generator=g).to(device)
     v = torch.randn(x.shape, generator=g).to(device)
     ref = reference(net, cond, ref_map, x, v, h)
     free()
@@ -279,7 +280,7 @@ def main(argv=None) -> dict:
                 print(lines[-1], flush=True)
         lines.append("")
     if "response" not in a.skip:
-        lines += [f"Response estimate vs float64 exact JVP ({SAMPLES} inputs, the file's h):", "",
+        lines += [f"Response estimate vs float64 exact JVP ({SAMPLES[a.small]} inputs, the file's h):", "",
                   "| file | estimate | cosine | relative error |", "|---|---|---|---|"]
         for key in a.files:
             for cfg, name, cos, rel in response_check(key, a):
