@@ -95,6 +95,7 @@ def bench_file(key: str, a, config: str | None) -> dict:
         kw.update({"out": os.path.join(a.out, "bench_" + key)} if "out" in fields else {})
         kw.update({"threads": 1} if a.device == "cpu" else {})
         free()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # as in a new process
         try:
             with patched(common, load_pipeline=loader_on(a.device)):
                 r = mod.train(mod.Args(**kw))
