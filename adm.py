@@ -39,8 +39,10 @@ Commands
   torchrun:               torchrun --nproc_per_node 8 adm.py --family sdxl --pipeline dmdx
   CPU tiny:               CPU_THREADS=1 python adm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
 Expect out/metrics.jsonl (loss_g, loss_d, loss_fake, dmd, d_fake, d_real, diversity), curves.png, grid_<step>.png,
-ckpt.pt and pipeline/ (DiffusionPipeline.from_pretrained(dir)(prompt, num_inference_steps=N, guidance_scale=1.0),
-N = 4 for SD3, 1 for DMDX). loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
+ckpt.pt and pipeline/. loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
+Reload with (no CFG, Sec. 5; DMDX: runs/adm/adm/pipeline with num_inference_steps=1):
+  pipe = DiffusionPipeline.from_pretrained("runs/adm/pipeline")
+  pipe(prompt, num_inference_steps=4, guidance_scale=1.0)
 """
 import copy
 import hashlib
@@ -91,7 +93,8 @@ class Args:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
     sample_every: int = 500  # sample grid + curves + diversity every N steps
     ckpt_every: int = 500  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
@@ -453,31 +456,49 @@ def sample_grid(M, prompts, family, dev, path, evaluate=True, n_seeds=4):
     return common.diversity(F.interpolate(images, size=(32, 32), mode="area").reshape(P, n_seeds, -1)) if evaluate else None
 
 
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"gen_steps": ">= 0", "lr_g": ">= 0", "ttur": ">= 1", "cfg_range": ">= 0", "ode_dt": "(0, 1)",
+          "head_channels": ">= 1", "lambda_latent": ">= 0", "lambda_pixel": ">= 0", "pixel_layers": ">= 1", "pairs": ">= 1",
+          "pair_cfg": ">= 0", "shard_size": ">= 1"}
+
+
 def train(args: Args) -> dict:
-    if args.pipeline == "dmdx" and args.resume not in ("", "latest"):
-        raise ValueError("--pipeline dmdx resumes each stage from its own directory: use --resume latest")
+    if args.pipeline == "dmdx":  # each stage resumes from its own directory (out/adp, out/adm)
+        common.require(args.resume in ("", "latest", "auto"),
+                       "--pipeline dmdx resumes each stage from its own directory: use --resume latest (or auto)")
+        common.require(args.resume != "latest" or os.path.isfile(os.path.join(args.out, "adp", "ckpt.pt")),
+                       f"--resume latest: no checkpoint at {os.path.join(args.out, 'adp', 'ckpt.pt')}; "
+                       "--resume auto starts fresh when there is none")
+
+    def stage(**kw):  # a stage's args; the flags typed on the command line stay marked as typed
+        a = replace(args, **kw, resume="auto" if args.resume else "")
+        if hasattr(args, "_explicit"):
+            a._explicit = args._explicit
+        return a
     try:  # one process group for both DMDX stages (re-initialising one under torchrun hangs)
         if args.pipeline == "single":
             return train_stage(args)
-        train_stage(replace(args, stage="adp", gen_steps=1, out=os.path.join(args.out, "adp")))  # Sec. 5: DMDX = ADP,
-        return train_stage(replace(args, stage="adm", gen_steps=1, out=os.path.join(args.out, "adm"),  # then one-step ADM
-                                   init=os.path.join(args.out, "adp", "ckpt.pt")))
+        train_stage(stage(stage="adp", gen_steps=1, out=os.path.join(args.out, "adp")))  # Sec. 5: DMDX = ADP,
+        return train_stage(stage(stage="adm", gen_steps=1, out=os.path.join(args.out, "adm"),  # then one-step ADM
+                                 init=os.path.join(args.out, "adp", "ckpt.pt")))
     finally:
         common.cleanup()
 
 
 def train_stage(args: Args) -> dict:
-    # checks, device, precision, seeding
-    if len(args.cfg_range) != 2 or args.cfg_range[0] > args.cfg_range[1] or not 0 < args.ode_dt < 1 or args.ttur < 1 \
-            or args.batch_size < 1 or min(args.lambda_latent, args.lambda_pixel) < 0:
-        raise ValueError("need --cfg-range lo <= hi, 0 < --ode-dt < 1, --ttur >= 1, --batch-size >= 1, λ >= 0")
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
+    family, model = args.family, args.model or DEFAULT_MODEL[args.family]
+    model = f"tiny-{family}" if model == "tiny" else model
+    model = ("random-sd3m" if family == "sd3" else "random-sdxl") if model == "random" else model  # SD3-Medium, as above
+    encoder = args.pixel_encoder if args.stage == "adp" and not common.is_tiny(model) else "tiny"  # 'tiny': built here
+    ckpt_path = common.start_run(args, RANGES, family=family, model=model, own=("pairs_*",),
+                                 model_ids={"--pixel-encoder": "" if encoder == "tiny" else encoder})
+    common.require(len(args.cfg_range) == 2 and args.cfg_range[0] <= args.cfg_range[1],
+                   f"argument --cfg-range: need two values lo <= hi, got {args.cfg_range}")
     dist = common.init_distributed(args.device)
     common.set_cpu_threads(args.threads)
     dev, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same (tiny, random) models on every rank; data seeds get the rank offset below
-    family, model = args.family, args.model or DEFAULT_MODEL[args.family]
-    model = f"tiny-{family}" if model == "tiny" else model
-    model = ("random-sd3m" if family == "sd3" else "random-sdxl") if model == "random" else model  # SD3-Medium, as above
     N = args.gen_steps or (4 if family == "sd3" else 1)
     lr_g = args.lr_g or (1e-6 if args.stage == "adp" or family == "sd3" else 1e-7)  # App. B.5
     # models: generator G <- F, fake f <- F (ADM), D = frozen teacher F + trainable heads
@@ -506,13 +527,13 @@ def train_stage(args: Args) -> dict:
     if dtype != torch.float32:  # frozen parts (teacher = D backbone, text encoders, VAE) in the compute dtype
         pipe.to(dtype=dtype)
     # resume (exact: models, optimizers, RNG) or initialise G from another checkpoint (DMDX: the ADP generator)
-    M.scaler, start, ckpt_path = common.make_scaler(dev, dtype), 0, common.resolve_resume(args.resume, args.out)
+    M.scaler, start = common.make_scaler(dev, dtype), 0
     if ckpt_path:  # models, optimizers and RNG (one stream per rank under torchrun: common.load_checkpoint)
         start = common.load_checkpoint(ckpt_path, models, M.opt, M.scaler)["step"]
     else:
         common.seed_everything(args.seed, dist.rank)  # same models on every rank (built above), data differ per rank
         if args.init:  # DMDX: the ADM stage starts from the ADP generator
-            M.G_u.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["models"]["G"])
+            M.G_u.load_state_dict(common.read_checkpoint(args.init)["models"]["G"])
     M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
     M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
     prompts = common.read_prompts(args.prompts)
@@ -535,24 +556,24 @@ def train_stage(args: Args) -> dict:
         common.check_finite(step, **out)
         metrics = {k: float(v.detach()) for k, v in out.items()}
         logger.update()
-        if dist.is_main and ((args.log_every and step % args.log_every == 0) or step == args.steps):
+        if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **metrics)
-        if dist.is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
+        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
             div = sample_grid(M, prompts, family, dev, os.path.join(args.out, f"grid_{step:06d}.png"), args.eval)
             if div is not None:
                 metrics["diversity"] = div
                 logger.log(step, diversity=div)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and ((args.ckpt_every and step % args.ckpt_every == 0) or step == args.steps):
+        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, M.opt, step, args, M.scaler,
                                    extra={"stage": args.stage, "gen_steps": N})
         common.barrier()
     logger.close()
-    if dist.is_main:  # documented call: pipe(prompt, num_inference_steps=N, guidance_scale=1.0) (no CFG, Sec. 5)
+    if dist.is_main:  # the docstring's "Reload with" call (no CFG, Sec. 5)
         common.export_pipeline(pipe, M.G_u, os.path.join(args.out, "pipeline"), scheduler=export_scheduler(pipe, family))
     common.barrier()
     return metrics
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

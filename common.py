@@ -6,6 +6,7 @@ to the equations they implement. Every helper is small enough to read in one sit
 """
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -24,6 +25,7 @@ import torch.distributed as torch_dist
 #     lr: float = 4e-6  # learning rate (Table 11)
 # Bools become --flag / --no-flag; Literal types become choices; tuples take several values.
 
+@functools.lru_cache(maxsize=None)  # inspect.getsource parses the whole file: once per class
 def _field_comments(cls) -> dict:
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):  # subclasses override their parents' help
@@ -44,7 +46,10 @@ def build_parser(cls):
     for f in dataclasses.fields(cls):
         tp, name = hints[f.name], "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=helps.get(f.name, " "), dest=f.name)
+        help_ = helps.get(f.name, " ").replace("%", "%%")  # argparse %-formats help strings
+        if f.name.endswith("_every") and "0 = never" not in help_:
+            help_ += " (0 = never; the last step always gets one)"
+        kw = dict(default=default, help=help_, dest=f.name)
         if tp is bool:
             p.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is typing.Literal:
@@ -57,10 +62,29 @@ def build_parser(cls):
     return p
 
 def parse(cls, argv=None):
-    """Parse sys.argv (or `argv`) into an instance of the dataclass `cls`."""
+    """Parse sys.argv (or `argv`) into an instance of the dataclass `cls`. The flags given on the command line
+    are kept in `args._explicit` (resume tells a flag the user typed from a default: see start_run)."""
+    import argparse
     ns = build_parser(cls).parse_args(argv)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(ns).items()}
-    return cls(**values)
+    bare = build_parser(cls)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    args = cls(**values)
+    args._explicit = set(vars(bare.parse_args(argv)))
+    return args
+
+class UsageError(ValueError):
+    """Input a run cannot honour (a flag out of range, a clobbered --out, a resume that changes the experiment).
+    `main` prints it argparse-style and exits with code 2; in-process callers get the exception."""
+
+def main(cls, train, argv=None):
+    """A method file's command line: parse, train, and turn a UsageError into `prog: error: ...`, exit code 2."""
+    args = parse(cls, argv)
+    try:
+        return train(args)
+    except UsageError as e:
+        build_parser(cls).error(str(e))
 
 # ==== Device, precision, seeding
 
@@ -131,15 +155,21 @@ def cleanup() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
-# ==== Checkpoints: one dict {models, optimizers, scaler, step, args, rng}, written atomically.
+# ==== Checkpoints: one dict {models, optimizers, scaler, step, args, rng}, written atomically, read with
+# torch.load(weights_only=True) (tensors, numbers, strings and containers only: no pickled code).
+
+_RUN = SimpleNamespace(changes={}, ckpt=None)  # this process's run: args changed on resume, last checkpoint (path, step)
 
 def _rng_state() -> dict:
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), **cuda}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))  # weights_only-safe
+    return {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state(), **cuda}
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -153,23 +183,43 @@ def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
+    _RUN.ckpt = (path, step)
+
+def read_checkpoint(path: str, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; a missing, truncated or foreign file raises UsageError naming it."""
+    import pickle
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise UsageError(f"no checkpoint at {path}") from None
+    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError) as e:
+        raise UsageError(f"{path} is not a readable checkpoint ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+                         "it may be truncated or from an older version: move it away and resume from another") from None
+    if not isinstance(ckpt, dict) or not {"models", "optimizers", "step", "args"} <= set(ckpt):
+        raise UsageError(f"{path} is not a checkpoint of these scripts (no models/optimizers/step/args)")
+    return ckpt
 
 def resolve_resume(resume: str, out_dir: str) -> str | None:
-    """'' -> None; 'latest' -> out_dir/ckpt.pt if it exists; otherwise the path, which must exist."""
-    path = os.path.join(out_dir, "ckpt.pt") if resume == "latest" else resume
-    if not resume or (resume == "latest" and not os.path.exists(path)):
+    """'' -> None; 'latest' -> out_dir/ckpt.pt (must exist); 'auto' -> out_dir/ckpt.pt if it exists; else the path."""
+    path = os.path.join(out_dir, "ckpt.pt") if resume in ("latest", "auto") else resume
+    if not resume or (resume == "auto" and not os.path.exists(path)):
         return None
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
+    if not os.path.isfile(path):
+        hint = "; --resume auto starts fresh when there is none" if resume == "latest" else ""
+        raise UsageError(f"--resume {resume}: no checkpoint at {path}{hint}")
     return path
 
 def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, restore_rng: bool = True) -> dict:
-    """Load state in place and return the checkpoint dict (its 'step' is the last finished step)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Load state in place and return the checkpoint dict (its 'step' is the last finished step).
+    Optimisers keep the learning rate they were built with: start_run has already reconciled it with the saved one."""
+    ckpt = read_checkpoint(path)
     for k, m in models.items():
         unwrap(m).load_state_dict(ckpt["models"][k])
     for k, o in optimizers.items():
+        lrs = [g["lr"] for g in o.param_groups]
         o.load_state_dict(ckpt["optimizers"][k])
+        for g, lr in zip(o.param_groups, lrs):  # an explicit --lr on resume applies for real
+            g["lr"] = lr
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     if restore_rng:
@@ -177,17 +227,144 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             # the file holds rank 0's streams: derive one per rank from it (exact resume is single-process only)
             seed_everything(int(torch.randint(2**31, (1,))), torch_dist.get_rank())
+    _RUN.ckpt = (path, ckpt["step"])
     return ckpt
+
+# ==== The run contract, checked at the top of train() before any model loads (README "Runs and resume"):
+#  1. every numeric flag in its range (UsageError naming the flag: exit code 2 from the command line);
+#  2. the run directory: a fresh run never writes into a non-empty --out unless --overwrite;
+#     --resume latest needs a checkpoint, --resume auto resumes one if present;
+#  3. resume: flags the user did not type take the checkpoint's values; a typed flag that changes the experiment is
+#     refused, a safe one (steps, periods, eval, lr) is applied and logged in metrics.jsonl;
+#  4. prompts file and every model id (local dir of the right family, cached or reachable hub id) checked up front.
+
+RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0", "lr_*": "> 0", "*_lr": "> 0",
+          "seed": ">= 0", "seeds": ">= 1", "threads": ">= 0", "bench": ">= 0", "*_weight": ">= 0", "weight_decay": ">= 0",
+          "grad_clip": "> 0", "clip": "> 0", "betas": "[0, 1)", "eval_seeds": ">= 2", "*_steps": ">= 1"}
+RUN_LOCAL = ("out", "resume", "overwrite", "device", "threads", "bench")  # never compared, never taken from a checkpoint
+SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt",
+                  "grad_checkpointing", "lr", "lr_*", "*_lr")
+
+def _spec_ok(x, spec) -> bool:
+    if isinstance(spec, tuple):  # (predicate, text)
+        return bool(spec[0](x))
+    if isinstance(x, float) and not math.isfinite(x):  # nan and inf are never a setting
+        return False
+    if spec == "any":
+        return True
+    if m := re.fullmatch(r"(>=|>|<=|<)\s*(\S+)", spec):
+        b = float(m[2])
+        return {">=": x >= b, ">": x > b, "<=": x <= b, "<": x < b}[m[1]]
+    m = re.fullmatch(r"([\[(])\s*(\S+),\s*(\S+)\s*([\])])", spec)
+    lo, hi = float(m[2]), float(m[3])
+    return (x >= lo if m[1] == "[" else x > lo) and (x <= hi if m[4] == "]" else x < hi)
+
+def check_args(args, ranges: dict) -> None:
+    """Every int/float field (and tuple of them) of `args` within its range: `ranges` (the file's) first, then
+    RANGES by name pattern. A spec is '>= 1', '> 0', '[0, 1)', 'any' or (predicate, text). A numeric field with no
+    rule is a programming error (TypeError), so a new flag cannot skip validation."""
+    import fnmatch
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        spec = ranges.get(f.name) or next((r for p, r in RANGES.items() if fnmatch.fnmatch(f.name, p)), None)
+        if spec is None:
+            raise TypeError(f"{type(args).__name__}.{f.name}: numeric flag without a declared range")
+        bad = [v for v in values if not _spec_ok(v, spec)]
+        if bad:
+            text = spec[1] if isinstance(spec, tuple) else f"must be {spec}"
+            raise UsageError(f"argument --{f.name.replace('_', '-')}: {text} (got {bad[0] if len(values) == 1 else value})")
+
+def require(ok: bool, message: str) -> None:
+    """A cross-flag check (e.g. --anchor-step <= --teacher-steps): UsageError with `message` when not `ok`."""
+    if not ok:
+        raise UsageError(message)
+
+def _same(a, b) -> bool:
+    norm = lambda v: list(v) if isinstance(v, (tuple, list)) else v
+    return norm(a) == norm(b)
+
+def _reconcile(args, saved: dict, path: str, safe: tuple) -> None:
+    """Resume: untyped flags take the checkpoint's values; typed experiment-changing ones are refused."""
+    import fnmatch
+    explicit = getattr(args, "_explicit", None)  # None: built in-process, every field counts as given
+    matches = lambda name, pats: any(fnmatch.fnmatch(name, p) for p in pats)
+    refused = []
+    for f in dataclasses.fields(args):
+        k = f.name
+        if k in RUN_LOCAL or k not in saved or _same(getattr(args, k), saved[k]):
+            continue
+        if explicit is not None and k not in explicit:
+            value = saved[k]
+            setattr(args, k, tuple(value) if isinstance(value, list) else value)  # continue the saved experiment
+        elif matches(k, SAFE_ON_RESUME + tuple(safe)):
+            _RUN.changes[k] = [saved[k], getattr(args, k)]
+        else:
+            refused.append(f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, now {getattr(args, k)!r}")
+    if refused:
+        raise UsageError(f"--resume {path}: these flags would change the experiment the checkpoint belongs to:\n  "
+                         + "\n  ".join(refused) + "\nDrop them to continue it, or start a new run in another --out.")
+
+def start_run(args, ranges: dict, family: str | None = None, model: str | None = None, model_ids: dict | None = None,
+              writes: bool = True, own=(), safe=()) -> str | None:
+    """The run contract, before any model loads. Returns the checkpoint to resume from, or None.
+
+    family/model: the diffusers family and --model (default args.model) to check; model_ids: {flag: id} of other
+    models (transformers feature models, encoders; '' = none).
+    writes=False: the run writes nothing to --out (evaluation, benchmark).
+    own: names in --out this file may find from an earlier run and reuse (data shards); safe: more flags that may
+    change on resume."""
+    _RUN.changes, _RUN.ckpt = {}, None
+    out, resume = args.out, getattr(args, "resume", "")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"argument --out: {out} is a file, not a directory")
+    path = resolve_resume(resume, out)
+    if path is not None:
+        ckpt = read_checkpoint(path, mmap=True)
+        _reconcile(args, ckpt["args"], path, safe)
+        if writes and args.steps < ckpt["step"]:
+            raise UsageError(f"argument --steps: {path} is at step {ckpt['step']}; --steps must be >= that to resume")
+        print0(f"resuming {path} at step {ckpt['step']}" + (f"; changed: {_RUN.changes}" if _RUN.changes else ""))
+        del ckpt
+    check_args(args, ranges)
+    import fnmatch
+    held = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
+                  if not any(fnmatch.fnmatch(n, p) for p in own))
+    resuming_here = path is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(out)
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # other ranks would see rank 0's first files; torchrun stops them
+    if writes and rank0 and held and not resuming_here and not getattr(args, "overwrite", False) and resume != "auto":
+        names = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        cont = "Continue that run with --resume latest, or pass" if hasattr(args, "resume") else "Pass"
+        raise UsageError(f"argument --out: {out} already holds {names}. {cont} --overwrite to replace it, "
+                         "or choose another --out")
+    if getattr(args, "prompts", ""):
+        read_prompts(args.prompts)
+    if family is not None or model is not None:
+        check_model(model or args.model or FAMILIES[family][2], family)
+    for flag, other in (model_ids or {}).items():
+        if other:
+            check_model(other, flag=flag)
+    return path
+
+def due(step: int, every: int, last: bool) -> bool:
+    """Period flags: every `every` steps (0 = never), and always at the last step."""
+    return last or (every > 0 and step % every == 0)
 
 # ==== Logging: tqdm bar, metrics.jsonl, loss curves, image grids (rank 0 only).
 
 class Logger:
+    """metrics.jsonl, one JSON row per line. On resume it keeps the rows up to the checkpoint's step and adds one
+    row naming the flags changed on resume; a torn last line (a kill mid-write) is dropped with a warning."""
     def __init__(self, out_dir: str, total: int, start: int = 0, enabled: bool = True, desc: str = "train"):
         from tqdm.auto import tqdm
         self.enabled, self.path = enabled, os.path.join(out_dir, "metrics.jsonl")
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
-            rows = self.read(self.path)  # on resume, forget what came after the checkpoint
+            rows = self.read(self.path) if start > 0 else []  # on resume, forget what came after the checkpoint
+            if start > 0 and _RUN.changes:
+                rows.append({"step": start, "resume_changed": {k: list(v) for k, v in _RUN.changes.items()}})
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
         self.bar = tqdm(total=total, initial=start, desc=desc, disable=not enabled, dynamic_ncols=True)
@@ -196,8 +373,18 @@ class Logger:
     def read(path: str) -> list:
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise UsageError(f"{path}, line {i + 1}: not a JSON row ({e.msg}); fix or remove that line") from None
+                import warnings
+                warnings.warn(f"{path}: ignoring a torn last line (a kill mid-write?)", stacklevel=2)
+        return rows
 
     def log(self, step: int, **scalars) -> None:
         if not self.enabled:
@@ -222,12 +409,12 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     """One subplot per logged scalar against step."""
     plt = pyplot()
     rows = Logger.read(jsonl_path)
-    keys = sorted({k for r in rows for k in r} - {"step"})
+    keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))} - {"step"})
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
         ax.plot(*zip(*pts), lw=1)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
@@ -263,10 +450,15 @@ def read_prompts(path: str = "") -> list:
     """One prompt per line from `path`; the built-in list when `path` is empty."""
     if not path:
         return list(PROMPTS)
-    with open(path) as f:
-        prompts = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UsageError(f"argument --prompts: cannot read {path} ({e.__class__.__name__}: {e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"argument --prompts: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not prompts:
-        raise ValueError(f"--prompts {path}: no non-empty lines")
+        raise UsageError(f"argument --prompts: {path} has no non-empty lines")
     return prompts
 
 # ==== Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
@@ -285,10 +477,10 @@ PIPELINE_KWARGS = {"sd21": {}, "sd3": {}, "sdxl": {}, "pixart": _NO_BINNING, "sa
 def is_tiny(model: str) -> bool:
     return model == "tiny" or model.startswith("tiny-")
 
-def _check_reachable(model_id: str) -> None:
+def _check_reachable(model_id: str, filename: str = "model_index.json", flag: str = "--model") -> None:
     """Fail within seconds, naming the id, when a hub id is neither cached nor downloadable."""
     from huggingface_hub import try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(model_id, "model_index.json"), str):
+    if isinstance(try_to_load_from_cache(model_id, filename), str):
         return  # cached: from_pretrained will use it
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     reason = "HF_HUB_OFFLINE is set" if offline else None
@@ -299,8 +491,51 @@ def _check_reachable(model_id: str) -> None:
         except OSError as e:
             reason = f"the hub is unreachable ({e.__class__.__name__})"
     raise FileNotFoundError(f"Model '{model_id}' is not a local directory, not in the Hugging Face cache, and {reason}.\n"
-                            f"Download it on a machine with network (huggingface-cli download {model_id} --local-dir DIR)"
-                            f" and pass --model DIR, or pass --model tiny for the random-weight CPU model.")
+                            f"Download it on a machine with network (hf download {model_id} --local-dir DIR)"
+                            f" and pass {flag} DIR" + (", or pass --model tiny for the random-weight CPU model."
+                                                        if flag == "--model" else "."))
+
+def is_builtin(model: str) -> bool:
+    """Names built here, not loaded: tiny / tiny-<family> (and random / random-<family>)."""
+    return is_tiny(model) or model == "random" or model.startswith("random-")
+
+def check_model(model: str, family: str | None = None, flag: str = "--model") -> None:
+    """Before loading: a built-in name of the right family, an existing local directory (a pipeline of `family` by its
+    model_index.json class name; otherwise a config.json), or a hub id that is cached or reachable (fails in seconds)."""
+    if is_random(model):
+        try:
+            random_variant(family, model)
+        except ValueError as e:
+            raise UsageError(f"argument {flag}: {e}") from None
+        return
+    if is_builtin(model):
+        named = model.split("-", 1)[1] if "-" in model else family
+        if family and named != family:
+            raise UsageError(f"argument {flag}: {model} is the {named} family, but this run trains {family}"
+                             + (" (--family)" if named in FAMILIES else ""))
+        return
+    hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith((".", "~"))
+    if not os.path.exists(model):
+        if not hub_like:
+            raise UsageError(f"argument {flag}: no such directory: {model}")
+        try:
+            _check_reachable(model, "model_index.json" if family else "config.json", flag)
+        except FileNotFoundError as e:
+            raise UsageError(f"argument {flag}: {e}") from None
+        return
+    if not os.path.isdir(model):
+        raise UsageError(f"argument {flag}: {model} is a file; pass a directory (a saved pipeline or model)")
+    index = os.path.join(model, "model_index.json" if family else "config.json")
+    if not os.path.isfile(index):
+        raise UsageError(f"argument {flag}: {model} has no {os.path.basename(index)}"
+                         + (": not a diffusers pipeline directory" if family else ""))
+    if family:
+        with open(index) as f:
+            cls_name = json.load(f).get("_class_name", "?")
+        if cls_name != FAMILIES[family][0]:
+            other = [k for k, v in FAMILIES.items() if v[0] == cls_name]
+            raise UsageError(f"argument {flag}: {model} holds a {cls_name}" + (f" (the {other[0]} family)" if other else "")
+                             + f"; this run needs a {FAMILIES[family][0]} ({family})")
 
 def _check_tokenizers(pipe, model_id: str) -> None:
     """transformers returns a near-empty tokenizer (2-104 tokens) for an unreachable id. Refuse it."""
@@ -332,8 +567,7 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
         with _own_rng(), torch.device(device or "cpu"):
             pipe = _random_pipeline(family, random_variant(family, model))
     else:
-        if not os.path.isdir(model):
-            _check_reachable(model)
+        check_model(model, family)
         try:
             pipe = getattr(diffusers, cls_name).from_pretrained(model, dtype=dtype)
         except OSError as e:
@@ -356,7 +590,15 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     components[pipe.denoiser_name] = net.to(dtype=pipe.dtype) if net.dtype != pipe.dtype else net
     if scheduler is not None:
         components["scheduler"] = scheduler
-    type(pipe)(**components).save_pretrained(out_dir, safe_serialization=True)
+    # atomic: written to a temporary directory, then renamed (a kill never leaves half a pipeline/)
+    import shutil
+    tmp, old = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}", f"{out_dir.rstrip(os.sep)}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    type(pipe)(**components).save_pretrained(tmp, safe_serialization=True)
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -618,23 +860,23 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 # ==== Shared metrics
 
 class _CheapTangents(torch.overrides.TorchFunctionMode):
-    """Forward-mode AD rules for the ops where PyTorch's own rules waste work or go wrong. Active inside jvp_pair().
-
-    - linear / conv2d: PyTorch's rule fills the frozen weight's missing tangent with zeros and multiplies it, one
-      full GEMM too many (a JVP cost 3 GEMMs instead of 2). Here the tangent is one GEMM: W t_x.
-    - layer_norm / group_norm: written as plain ops in fp32. PyTorch's layer_norm JVP is silently wrong under
-      reverse mode (its mean/rstd carry no gradient, so back-propagating through the tangent drops d(mean)/dtheta;
-      a group_norm JVP under bf16 autocast returns an fp32 tangent for a bf16 value and the next conv fails).
-    Any other op keeps PyTorch's rule. Only inputs that carry a tangent are rerouted."""
+    """Forward-mode AD rules for the ops where PyTorch's own rules waste work, memory or go wrong. Active inside
+    jvp_pair(); only ops whose inputs carry a tangent are rerouted, every other op keeps PyTorch's rule.
+    - linear / conv2d: PyTorch's rule fills the frozen weight's missing tangent with zeros and multiplies it, one full
+      GEMM too many (a JVP cost 3 GEMMs instead of 2). Here the tangent is one GEMM: W t_x.
+    - scaled_dot_product_attention: the fused kernels have no forward-AD rule, and the math kernel materialises the
+      N x N scores (at 4,096 tokens that is most of a GPU's memory and time). See _attention_jvp().
+    - layer_norm / group_norm, when gradients are on: plain ops in fp32. PyTorch's layer_norm JVP is silently wrong
+      under reverse mode (its mean/rstd carry no gradient, so back-propagating through the tangent drops
+      d(mean)/dtheta). Without gradients PyTorch's own (fused) rule is kept."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        F = torch.nn.functional
+        F, fwAD = torch.nn.functional, torch.autograd.forward_ad
         if func is F.scaled_dot_product_attention and not kwargs.get("dropout_p") and not kwargs.get("is_causal"):
-            if any(torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args[:3]):
-                return _plain_attention(*args, **kwargs)
+            if any(fwAD.unpack_dual(a).tangent is not None for a in args[:3]):
+                return _attention_jvp(*args, **kwargs)
         if func in (F.linear, F.conv2d, F.layer_norm, F.group_norm) and args:
-            fwAD = torch.autograd.forward_ad
             p, t = fwAD.unpack_dual(args[0])
             weights = list(args[1:]) + [kwargs.get("weight"), kwargs.get("bias")]
             if t is not None and all(fwAD.unpack_dual(w).tangent is None for w in weights if torch.is_tensor(w)):
@@ -646,7 +888,8 @@ class _CheapTangents(torch.overrides.TorchFunctionMode):
                     else:
                         kw["bias"] = None
                     return fwAD.make_dual(out, func(t, args[1], *rest, **kw).to(out.dtype))
-                return _plain_norm(func, args[0], *args[1:], **kwargs)
+                if torch.is_grad_enabled():
+                    return _plain_norm(func, args[0], *args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -669,22 +912,43 @@ def _plain_norm(func, x, shape_or_groups, weight=None, bias=None, eps=1e-5):
     return (y + bias.to(y.dtype).view(shape) if bias is not None else y).to(out_dtype)
 
 
-def _plain_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """softmax(q k^T scale + mask) v from matmuls, with the softmax written out in fp32. The fused kernels have no
-    forward-AD rule, and back-propagating through F.softmax's tangent raises an in-place error (pytorch #162350)."""
-    s = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))
-    s = s * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
-    e = torch.exp(s - s.detach().amax(-1, keepdim=True))
-    return (e / e.sum(-1, keepdim=True)).to(v.dtype) @ v
+ATTN_FD_EPS = {torch.float32: 3e-3, torch.float64: 1e-5}  # relative move of (q, k) in _attention_jvp's central
+# difference: truncation ~eps^2, rounding ~(machine eps)/eps, about 1e-5 relative in fp32
+
+
+def _attention_jvp(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """O = softmax(q k^T scale) v and its tangent from fused kernels only (no N x N matrix, in memory or traffic):
+      t_O = SDPA(q, k, t_v)                                  exact, in the caller's precision (P t_v);
+          + [SDPA32(q + e t_q, k + e t_k, v) - SDPA32(q - e t_q, k - e t_k, v)] / 2e     the (q, k) part, in fp32,
+    e = ATTN_FD_EPS |(q, k)| / |(t_q, t_k)|. The (q, k) part has no fused exact form (it needs sum_j P_ij dS_ij v_j),
+    so it is a central difference, but of one attention call in fp32 (float64 stays float64): never in half
+    precision. Both parts are differentiable (reverse over forward)."""
+    fwAD, sdpa = torch.autograd.forward_ad, torch.nn.functional.scaled_dot_product_attention
+    (q, tq), (k, tk), (v, tv) = (fwAD.unpack_dual(a) for a in (q, k, v))
+    kw = {"attn_mask": attn_mask, "scale": scale, **({"enable_gqa": True} if enable_gqa else {})}
+    out = sdpa(q, k, v, **kw)
+    tan = sdpa(q, k, tv, **kw) if tv is not None else torch.zeros_like(out)
+    if tq is not None or tk is not None:
+        tq = torch.zeros_like(q) if tq is None else tq
+        tk = torch.zeros_like(k) if tk is None else tk
+        with torch.autocast(q.device.type, enabled=False):
+            dt = torch.promote_types(q.dtype, torch.float32)
+            q32, k32, v32, tq32, tk32 = (a.to(dt) for a in (q, k, v, tq, tk))
+            kw32 = {**kw, "attn_mask": attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point()
+                    else attn_mask}
+            rms = lambda a, b: (a.detach().pow(2).mean() + b.detach().pow(2).mean()).sqrt()
+            e = ATTN_FD_EPS[dt] * rms(q32, k32) / rms(tq32, tk32).clamp_min(1e-30)
+            d = (sdpa(q32 + e * tq32, k32 + e * tk32, v32, **kw32) - sdpa(q32 - e * tq32, k32 - e * tk32, v32, **kw32))
+            d = d / (2 * e)
+        tan = tan + d.to(tan.dtype)
+    return fwAD.make_dual(out, tan)
 
 
 def jvp_pair(f, x: torch.Tensor, v: torch.Tensor):
     """(f(x), J_f(x) v) in one forward with forward-mode AD, in whatever precision the caller runs f (e.g. bf16
     autocast: a tangent is computed in its own right, so unlike a finite difference it does not drown in rounding).
-    Costs about 2x the GEMMs of f (see _CheapTangents) and 3x its attention matmuls (written out: the flash and
-    memory-efficient kernels have no forward-AD rule; the N x N scores are materialised). With grad enabled, both
+    Costs about 2x the GEMMs of f (see _CheapTangents), and per attention one more call in the caller's precision and
+    two fp32 calls of the fused kernels (_attention_jvp; no N x N scores are materialised). With grad enabled, both
     outputs are differentiable w.r.t. f's parameters (reverse over forward), and d/dtheta of a loss on J v is
     correct: tests/test_common.py checks it against a float64 numerical derivative."""
     fwAD = torch.autograd.forward_ad
@@ -750,4 +1014,5 @@ def check_finite(step: int, **losses) -> None:
     """Stop the run, naming the step and the term, when a loss is not finite (no silent NaN handling)."""
     for k, v in losses.items():
         if not torch.isfinite(torch.as_tensor(v)).all():
-            raise FloatingPointError(f"step {step}: loss term '{k}' is {v}; stopping (last checkpoint kept)")
+            kept = f"last checkpoint kept: {_RUN.ckpt[0]} at step {_RUN.ckpt[1]}" if _RUN.ckpt else "no checkpoint saved"
+            raise FloatingPointError(f"step {step}: loss term '{k}' is {v}; stopping ({kept})")

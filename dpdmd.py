@@ -37,6 +37,9 @@ Commands:
 Expect: metrics.jsonl with fake_loss on fake iterations and dmd_loss/div_loss on student iterations, a
 `diversity` (Eq. 9) value every --eval-every steps, samples_*.png grids, curves.png, ckpt.pt, pipeline/.
 On the real models DP-DMD should keep diversity clearly above the lambda = 0 run (Table 1: DINO 0.179 vs 0.137).
+Reload with (the scheduler that reproduces the student's sampler is saved with it):
+  pipe = DiffusionPipeline.from_pretrained("runs/dpdmd/pipeline")
+  pipe(prompt, num_inference_steps=4, guidance_scale=1.0)
 """
 import copy
 import os
@@ -75,15 +78,16 @@ class Args:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
     prompts: str = ""  # training prompts, one per line ('' = built-in list); the paper uses DiffusionDB
-    sample_every: int = 500  # fixed-seed sample grid and loss curves every N steps and at the end (0 = never)
+    sample_every: int = 500  # fixed-seed sample grid and loss curves every N steps
     eval: bool = True  # compute the Eq. 9 diversity metric
     eval_every: int = 500  # diversity metric every N steps
     eval_prompts: int = 4  # fixed prompts for the diversity metric
     eval_seeds: int = 9  # seeds per prompt for the diversity metric (N in Eq. 9)
     feature_model: str = ""  # transformers vision model for Eq. 9 features ('' = raw latents), e.g. facebook/dinov2-base
-    ckpt_every: int = 1000  # checkpoint every N steps (and at the end)
+    ckpt_every: int = 1000  # checkpoint every N steps
     log_every: int = 1  # metrics.jsonl row every N steps
     export: bool = True  # save the student as a stock diffusers pipeline in out/pipeline at the end
     grad_checkpointing: bool = False  # activation checkpointing in student and fake (memory for SD3.5-M)
@@ -304,15 +308,24 @@ def student_loss(student, teacher, fake, z, cond, uncond, w: float, sch: Schedul
 # Training (Alg. 1)
 
 
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"anchor_step": ">= 1", "cfg": (lambda w: w == -1 or w >= 0, "must be -1 (the family's default) or >= 0"),
+          "fake_updates_per_student": ">= 1", "min_t": "[0, 1]", "max_t": "[0, 1]", "eval_prompts": ">= 1"}
+
+
 def check_args(a: Args) -> None:
-    assert a.student_steps >= (2 if detaches(a) else 1), "--detach needs >= 2 student steps (DMD trains steps 2..n)"
-    assert 1 <= a.anchor_step <= a.teacher_steps, "--anchor-step must be in [1, --teacher-steps]"
-    assert a.fake_updates_per_student >= 1, "--fake-updates-per-student must be >= 1 (fake and student alternate)"
-    assert a.div_weight >= 0 and 0 <= a.min_t < a.max_t <= 1
-    assert a.eval_seeds >= 2 and a.eval_prompts >= 1 and a.steps >= 1 and a.batch_size >= 1
+    """Ranges, then the checks that involve two flags (UsageError naming them)."""
+    common.check_args(a, RANGES)
+    common.require(a.student_steps >= (2 if detaches(a) else 1),
+                   "argument --student-steps: --detach needs >= 2 student steps (DMD trains steps 2..n)")
+    common.require(a.anchor_step <= a.teacher_steps, "argument --anchor-step: must be <= --teacher-steps")
+    common.require(a.min_t < a.max_t, "argument --min-t: must be < --max-t")
 
 
 def train(args: Args, pipe=None) -> dict:
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
+    ckpt_path = common.start_run(args, RANGES, family=args.family if pipe is None else None,
+                                 model_ids={"--feature-model": args.feature_model * args.eval})
     check_args(args)
     dist = common.init_distributed(args.device)
     device, flow = dist.device, args.family == "sd3"
@@ -340,7 +353,7 @@ def train(args: Args, pipe=None) -> dict:
 
     # resume: models, optimizers, step and the global RNG
     common.seed_everything(args.seed, dist.rank)
-    start, path = 0, common.resolve_resume(args.resume, args.out)
+    start, path = 0, ckpt_path
     if path:
         start = common.load_checkpoint(path, {"student": student, "fake": fake}, {"student": opt_s, "fake": opt_f},
                                        scaler)["step"]
@@ -391,18 +404,18 @@ def train(args: Args, pipe=None) -> dict:
         metrics.update(row)
 
         # logging, evaluation, grids, checkpoints (rank 0)
-        if dist.is_main and (step % args.log_every == 0 or step == args.steps):
+        if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **row)
         last = step == args.steps
-        if dist.is_main and args.eval and (step % args.eval_every == 0 or last):
+        if dist.is_main and args.eval and common.due(step, args.eval_every, last):
             metrics["diversity"] = evaluate(student, pipe, args, eval_prompts, sch, device, feat_model, amp)
             logger.log(step, diversity=metrics["diversity"])
-        if dist.is_main and args.sample_every and (step % args.sample_every == 0 or last):
+        if dist.is_main and common.due(step, args.sample_every, last):
             with amp():
                 lat = sample(student, pipe, args.family, eval_prompts[:4], range(4), sch, device)
             common.save_grid(common.decode(pipe, lat), os.path.join(args.out, f"samples_{step:06d}.png"), nrow=4)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and (step % args.ckpt_every == 0 or last):
+        if dist.is_main and common.due(step, args.ckpt_every, last):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": student, "fake": fake},
                                    {"student": opt_s, "fake": opt_f}, step, args, scaler)
         common.barrier()
@@ -428,4 +441,4 @@ def evaluate(student, pipe, args, eval_prompts, sch, device, feat_model, amp) ->
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

@@ -38,8 +38,10 @@ Deviations:
     - --gad-form jvp (default) divides the differences by h as the released code does; Eq. 6/8/9 as printed
       (--gad-form paper) is h times weaker: its gradient is h x the jvp form's (1e-2 at h = 1e-2).
     - Adam betas (0, 0.999) as released SiD; the paper's App. D says AdamW (0.9, 0.999) for every backbone.
-    - Finite differences always in fp32 (inputs, networks, outputs) even under bf16: the bf16 grid (2^-8)
-      swallows an h = 1e-2 move. Under bf16 the pair [x_t, x_t + h v] is one extra fp32 no-grad forward.
+    - Eq. 10's Delta by forward-mode AD by default (--gad-jvp exact: h J v, common.jvp_pair) in the step's precision
+      (bf16 on CUDA; cosine 0.99999 with a float64 JVP at SANA-600M's size, tests/test_gad_precision.py): one extra
+      no-grad JVP per network. --gad-jvp fd: finite differences, always in fp32 (inputs, networks, outputs) since
+      the bf16 grid (2^-8) swallows an h = 1e-2 move; under bf16 the pair [x_t, x_t + h v] is one extra fp32 forward.
     - Non-finite loss stops the run naming the step; released SiD drops NaN samples silently.
     - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
     - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
@@ -47,9 +49,13 @@ Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
     CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
-    plain SiD: --gad-weight 0.   Exact JVPs instead of finite differences: --gad-jvp exact.
+    plain SiD: --gad-weight 0.   fp32 finite differences instead of bf16 JVPs: --gad-jvp fd.
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
 losses are noise around small values; on SANA loss_sid turns negative and grids sharpen within ~1k steps.
+Reload with:
+  pipe = DiffusionPipeline.from_pretrained("runs/gad_sid/pipeline")
+  pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], num_inference_steps=4, guidance_scale=1.0, use_resolution_binning=False,
+       clean_caption=False)
 """
 import contextlib
 import copy
@@ -91,9 +97,10 @@ class Args:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda, cpu or auto
     seed: int = 0  # global seed (offset by rank)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
-    sample_every: int = 250  # steps between sample grids, also at the end with the loss curves (0 = none)
-    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
+    sample_every: int = 250  # steps between sample grids and loss curves
+    ckpt_every: int = 500  # steps between checkpoints
     log_every: int = 10  # steps between metrics.jsonl rows
     eval: bool = False  # at the end: geometry metrics vs the teacher and seed diversity
     eval_teacher_steps: int = 20  # teacher Euler steps for --eval (Table 3: 20)
@@ -101,6 +108,11 @@ class Args:
     export: bool = True  # save the student as a SanaPipeline in out/pipeline at the end
     threads: int = 0  # CPU threads (0 = torch default or $CPU_THREADS)
     bench: int = 0  # > 0: time N interleaved SiD / SiD+GAD steps (2 warm-up pairs first), print the ratios, exit
+
+
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"cfg": ">= 0", "alpha": ">= 0", "t_gen": "(0, 1]", "sigma_logit_mean": "any", "sigma_logit_std": "> 0",
+          "gad_h": "(0, 1]"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,16 +316,16 @@ def rss_mb() -> float:
 
 def train(args: Args, pipe=None) -> dict:
     """SiD (+ GAD) training. `pipe`: an already loaded SanaPipeline (tests reuse one); left unmodified on CPU/fp32."""
-    if not 0 < args.gad_h <= 1 or args.gad_weight < 0 or args.steps < 1 or args.batch_size < 1:
-        raise ValueError("need 0 < gad_h <= 1, gad_weight >= 0, steps >= 1, batch_size >= 1")
-    if list(args.t_gen) != sorted(args.t_gen, reverse=True) or args.t_gen[0] != 1.0 or not 0 < args.t_gen[-1]:
-        raise ValueError(f"--t-gen must decrease from 1.0 and stay > 0, got {args.t_gen}")
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
+    ckpt_path = common.start_run(args, RANGES, family="sana" if pipe is None else None)
+    common.require(list(args.t_gen) == sorted(set(args.t_gen), reverse=True) and args.t_gen[0] == 1.0,
+                   f"argument --t-gen: must decrease strictly from 1.0 and stay > 0, got {args.t_gen}")
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
     device = dist.device
     dtype = common.resolve_dtype(args.dtype, device)
     if dtype == torch.float16:
-        raise ValueError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
+        raise common.UsageError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
     common.seed_everything(args.seed, dist.rank)
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
@@ -330,7 +342,7 @@ def train(args: Args, pipe=None) -> dict:
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     opt_g = torch.optim.Adam(student.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=tuple(args.betas))
-    start, ckpt_path = 0, common.resolve_resume(args.resume, args.out)
+    start = 0
     if ckpt_path:
         start = common.load_checkpoint(ckpt_path, {"student": student, "fake": fake}, {"g": opt_g, "f": opt_f})["step"]
     G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
@@ -417,11 +429,11 @@ def train(args: Args, pipe=None) -> dict:
 
         # logging, samples, checkpoints (rank 0)
         last["loss_fake"] = loss_fake.item()
-        if dist.is_main and (step % args.log_every == 0 or step == args.steps):
+        if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, k=k, sec=times[-1], **last)
-        if dist.is_main and args.sample_every and step % args.sample_every == 0:
+        if dist.is_main and common.due(step, args.sample_every, False):
             save_samples(step)
-        if dist.is_main and step % args.ckpt_every == 0 and step != args.steps:
+        if dist.is_main and common.due(step, args.ckpt_every, False) and step != args.steps:
             save_ckpt(step)
         logger.update()
     logger.close()
@@ -436,10 +448,9 @@ def train(args: Args, pipe=None) -> dict:
         result["rss_peak_delta_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
     if dist.is_main:
         save_ckpt(args.steps)
-        if args.sample_every:
-            common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-            if args.steps % args.sample_every:  # else already saved in the loop
-                save_samples(args.steps)
+        common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
+        if not common.due(args.steps, args.sample_every, False):  # else already saved in the loop
+            save_samples(args.steps)
         if args.export:
             result["pipeline"] = common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"),
                                                         scheduler=export_scheduler())
@@ -482,4 +493,4 @@ def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

@@ -34,27 +34,30 @@ Averaged over directions, the printed Eq. 9 pushes only through curvature (an O(
 zero-mean noise (tests check this on linear maps). The released code drives the student's own response
 S(x_tau + h v, tau) - S(x_tau, tau) with the same vector instead: a first-order push of the student's Jacobian
 towards teacher minus fake. `--gad-path xtau` (default, the paper) or `response` (released code; one more
-student forward with grad; finite differences only: back-propagating through torch.func.jvp gave weight gradients
-~9% off a float64 numerical derivative on PixArt, while the finite-difference path matched it to 0.1%).
+student forward with grad; its gradient through the tangent is exact: common.jvp_pair, checked against a float64
+numerical derivative, where back-propagating through torch.func.jvp is silently wrong).
 
 Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
 size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
 Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into lambda): its signal scales
 with h, so at h = 1e-2 it is nearly inert (a 2D prototype moved nothing with it).
 
-Precision. The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) it is mostly rounding noise. (The
-released code's unit-norm move, h/128 per element on 4x64x64 latents, is below fp16's spacing of ~1e-3 near 1, so its
-fp16 cast erases most of it.) With --gad-fp32 (default) the forwards that feed a finite difference run in fp32 inputs,
-weights and outputs, with the perturbed and unperturbed inputs batched into the one forward the base loss
-already makes (teacher: 4B = {x, x'} x {cond, uncond}; fake: 2B). Weights are kept in fp32; autocast does the
-rest of the step in bf16.
+Precision (--gad-jvp, --gad-fp32). The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) a finite
+difference is mostly rounding noise (cosine ~0.85 with the true response at PixArt's real size). The default,
+`exact`, computes Delta = h J v by forward-mode AD (common.jvp_pair) in the step's own precision: bf16 autocast on
+CUDA. A tangent is computed in its own right, so bf16 keeps it accurate (cosine 0.99999 with a float64 JVP at
+PixArt-XL-2's depth and width, tests/test_gad_precision.py), and its primal is the teacher and fake forward the base
+loss needs anyway: GAD adds one tangent per network (a GEMM per GEMM) instead of a second forward. `--gad-jvp fd`
+takes x_tau and x_tau + h v in one batched forward per network, always in fp32 with TF32 off (~8x the price of
+bf16 on an H200); `--gad-fp32` also runs the JVP in fp32. README "Cost on a GPU" has the modelled prices.
 
 Deviations (each marked `# DEVIATION:` at its line):
   - Gradient of GAD reaches theta through x_tau (Eq. 9). The released code instead matches the student's own
     x0 response, taken between mismatched inputs (x_tau + delta at tau vs x_t at t), Huber-normalised.
     --gad-path response takes that path with matched inputs and our surrogate (no Huber normalisation).
   - v ~ N(0, I) (paper). The released code uses a unit-norm direction: --gad-direction unit.
-  - Finite differences in fp32; the released code casts x_tau + delta to fp16, which loses most of it.
+  - Responses by forward-mode JVP (bf16) or fp32 finite differences; the released code casts x_tau + delta to
+    fp16 and differences it, which loses most of the move.
   - h schedules of Table 9 are not specified beyond "increasing/decreasing linear": we use
     h(tau) = h (1.5 - tau/1000) (increasing along generation) and h (0.5 + tau/1000); both average to h.
   - GAD is computed for every sample and masked by --gad-t-range (simpler; no compute saved).
@@ -73,7 +76,8 @@ Expect: samples.png every --sample-every steps (4 prompts x 4 fixed seeds: the s
 sensitivity is visible), curves.png, metrics.jsonl, ckpt.pt, and at the end pipeline/ (PixArtAlphaPipeline).
 Reload with:
   pipe = DiffusionPipeline.from_pretrained("runs/gad_tdm/pipeline")
-  pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0)
+  pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0, use_resolution_binning=False)
+(use_resolution_binning=False: the stock PixArt call otherwise snaps the size to its 256/512/1024 aspect-ratio tables)
 """
 import contextlib
 import copy
@@ -117,7 +121,8 @@ class Args:
     prompts: str = ""  # text file, one prompt per line ('' = built-in list)
     out: str = "runs/gad_tdm"  # output directory
     seed: int = 0  # global seed (offset by rank)
-    resume: str = ""  # '' | 'latest' | path to ckpt.pt
+    resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
+    overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
     sample_every: int = 100  # sample grid + curves every N steps
     ckpt_every: int = 250  # checkpoint every N steps
     eval: bool = False  # evaluate a checkpoint (geometry + diversity) instead of training
@@ -127,6 +132,10 @@ class Args:
     bench: int = 0  # > 0: time N interleaved TDM / TDM+GAD steps and print the ratios, then exit
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads (0 = torch default)
+
+
+# valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
+RANGES = {"gad_h": "(0, 1]", "timesteps": "[1, 999]", "cfg": ">= 0", "huber_c": "> 0", "snr_clip": "> 0"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,13 +280,18 @@ def teacher_sample(teacher, z, cond, uncond, w, steps, abar):
 
 
 def train(args: Args) -> dict:
+    # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads
+    ckpt_path = common.start_run(args, RANGES, family="pixart", model_ids={"--feature-model": args.feature_model * args.eval},
+                                 writes=not (args.eval or args.bench))
+    common.require(list(args.timesteps) == sorted(set(args.timesteps), reverse=True),
+                   f"argument --timesteps: must decrease strictly, got {args.timesteps}")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.set_cpu_threads(args.threads)
     common.seed_everything(args.seed, dist.rank)
-    if args.batch_size % dist.world_size or args.gad_h <= 0 or len(args.timesteps) < 1:
-        raise ValueError("need batch_size divisible by world size, gad_h > 0 and at least one timestep")
+    common.require(args.batch_size % dist.world_size == 0,
+                   f"argument --batch-size: {args.batch_size} is not divisible by the world size {dist.world_size}")
     B = args.batch_size // dist.world_size
     if args.gad_jvp == "fd" or args.gad_fp32:  # TF32 would round fp32 differences to a 10-bit mantissa (~5% noise)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -297,10 +311,7 @@ def train(args: Args) -> dict:
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
     scaler = common.make_scaler(device, dtype)
     models, optims = {"student": student, "fake": fake}, {"opt_g": opt_g, "opt_f": opt_f}
-    start, path = 0, common.resolve_resume(args.resume, args.out)
-    if path:
-        start = common.load_checkpoint(path, models, optims, scaler)["step"]
-        common.print0(f"resumed from {path} at step {start}")
+    start = common.load_checkpoint(ckpt_path, models, optims, scaler)["step"] if ckpt_path else 0
     if args.eval:
         return evaluate(args, pipe, teacher, student, abar, prompts, device)
     student_ddp, fake_ddp = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
@@ -356,7 +367,7 @@ def train(args: Args) -> dict:
         f_F = lambda x, n: predict(common.unwrap(fake), x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
         gad, mismatch = torch.zeros((), device=device), torch.zeros((), device=device)
         with torch.no_grad():
-            if use_gad:  # Eq. 10: perturbed and unperturbed inputs share one forward per network, in fp32
+            if use_gad:  # Eq. 10: each network's response shares the forward the base loss needs (JVP or fd pair)
                 h = gad_h(tau, args.gad_h, args.gad_h_schedule)
                 v = direction(xt.shape, args.gad_direction, device)  # DEVIATION: --gad-direction unit = released
                 with fp32():
@@ -416,12 +427,12 @@ def train(args: Args) -> dict:
         log.log(step, **metrics)
         log.update()
         last = step == args.steps
-        if dist.is_main and (step % args.sample_every == 0 or last):
+        if dist.is_main and common.due(step, args.sample_every, last):
             with ac():
                 x0 = sample(common.unwrap(student), grid_z, grid_cond, args.timesteps, abar)
             common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "samples.png"), nrow=4)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and (step % args.ckpt_every == 0 or last):
+        if dist.is_main and common.due(step, args.ckpt_every, last):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler)
         common.barrier()
     log.close()
@@ -505,4 +516,4 @@ def features(args, pipe, latents, device):
 
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

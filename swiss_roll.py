@@ -56,6 +56,7 @@ class Args:
     device: str = "auto"  # auto, cpu or cuda
     threads: int = 1  # CPU threads (0: CPU_THREADS or torch's default; 2 threads are no faster for this MLP)
     out: str = "runs/swiss_roll"  # output folder (figure, samples.npz, metrics.json)
+    overwrite: bool = False  # replace the files of an earlier run in --out (a non-empty --out is refused otherwise)
 
 T = 1000  # DDPM discrete timesteps, linear betas 1e-4 .. 2e-2
 ALPHA_BAR = torch.cat([torch.cumprod(1 - torch.linspace(1e-4, 2e-2, T, dtype=torch.float64), 0), torch.ones(1)])
@@ -227,9 +228,13 @@ def plot(samples, rows, args, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+# valid ranges of the numeric flags (common.RANGES covers seeds, lr, threads): checked before anything runs
+RANGES = {"student_steps": (lambda k: k in (1, 2, 4), "must be 1, 2 or 4"), "h": "> 0", "lam": ">= 0", "noise": "> 0",
+          "off_threshold": "> 0", "teacher_iters": ">= 1", "teacher_batch": ">= 1", "student_iters": ">= 1",
+          "student_batch": ">= 1", "pool": ">= 1", "n_eval": ">= 1"}
+
 def train(args) -> dict:
-    if args.student_steps not in (1, 2, 4) or args.h <= 0 or args.lam < 0 or args.seeds < 1:
-        raise ValueError("need --student-steps in {1, 2, 4}, --h > 0, --lam >= 0, --seeds >= 1")
+    common.start_run(args, RANGES)  # flags and --out (never clobbered without --overwrite), before any training
     common.set_cpu_threads(args.threads)
     dev = common.pick_device(args.device)
     os.makedirs(args.out, exist_ok=True)
@@ -256,4 +261,4 @@ def train(args) -> dict:
     return result
 
 if __name__ == "__main__":
-    train(common.parse(Args))
+    common.main(Args, train)

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from docs_call import documented_call
 
 import adm
 import common
@@ -199,8 +200,8 @@ def _assert_export_reproduces_sampler(pipe_dir, family, n):
 
     pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    lat = pipe("a red fox", num_inference_steps=n, guidance_scale=1.0, latents=z.clone(), height=128, width=128,
-               output_type="latent").images
+    lat = pipe("a red fox", **{**documented_call(adm), "num_inference_steps": n}, latents=z.clone(),
+               output_type="latent").images  # the docstring's call (DMDX: 1 step)
     sch = adm.Schedule(family, adm.export_scheduler(pipe, family), 1 / 64)
     cond, _ = common.encode(pipe, family, ["a red fox"], "cpu")
     net = pipe.transformer if family == "sd3" else pipe.unet

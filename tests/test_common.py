@@ -61,8 +61,10 @@ def test_checkpoint_atomic_and_resume_is_exact(tmp_path):
     assert resumed_losses == full_losses[6:]
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
-    assert common.resolve_resume("latest", str(tmp_path / "empty")) is None
-    with pytest.raises(FileNotFoundError):
+    assert common.resolve_resume("auto", str(tmp_path / "empty")) is None  # 'auto': resume if present
+    with pytest.raises(common.UsageError, match="no checkpoint at"):  # 'latest' with none is an error (issue 12)
+        common.resolve_resume("latest", str(tmp_path / "empty"))
+    with pytest.raises(common.UsageError, match="nope.pt"):
         common.resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path))
 
 
@@ -112,10 +114,11 @@ def test_unreachable_model_fails_fast_with_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     t0 = time.time()
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(common.UsageError) as e:
         common.load_pipeline("pixart", "no-such-org/no-such-model")
     assert time.time() - t0 < 10
     assert "no-such-org/no-such-model" in str(e.value) and "--model" in str(e.value)
+    assert "hf download" in str(e.value) and "huggingface-cli" not in str(e.value)  # the CLI current hubs install
 
 
 def _identity(z):

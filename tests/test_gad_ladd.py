@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from docs_call import documented_call
 
 import common
 import gad_ladd as G
@@ -223,10 +224,10 @@ def test_smoke_gad_resume_export(tmp_path, data, pipe, monkeypatch):
     S = copy.deepcopy(pipe.unet)
     S.load_state_dict(wa["student"])
     z = torch.randn(common.latent_shape(pipe, 2), generator=torch.Generator().manual_seed(3))
-    out = exp(common.PROMPTS[:2], num_inference_steps=1, guidance_scale=0.0, latents=z, output_type="latent").images
+    out = exp(common.PROMPTS[:2], latents=z, output_type="latent", **documented_call(G)).images  # the docstring's call
     cond, _ = common.encode(exp, "sd21", common.PROMPTS[:2], "cpu")  # tiny weights depend on the seed: use the export's
     torch.testing.assert_close(out, G.student_x0(S, z, cond, _ab(pipe), "epsilon"), atol=1e-4, rtol=1e-4)
-    assert exp(common.PROMPTS[:1], num_inference_steps=1, guidance_scale=0.0).images[0].size == (128, 128)
+    assert exp(common.PROMPTS[:1], **documented_call(G)).images[0].size == (128, 128)
 
 
 def test_smoke_base_ladd_hinge_with_eval(tmp_path, data, no_plots):

@@ -1,14 +1,24 @@
 """Tests for gad_sid.py on the tiny SANA pipeline (CPU, one thread)."""
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
+from docs_call import documented_call
 
 import common
 import gad_sid as gs
 
 B = 2
+
+
+@pytest.fixture(autouse=True)
+def _no_matplotlib(monkeypatch):
+    """Grids and curves are made (empty files) but not drawn: a period of 0 still samples at the end (issue 12), and
+    matplotlib costs ~1 s per picture here; common.save_grid / plot_curves are tested in test_common.py."""
+    monkeypatch.setattr(common, "save_grid", lambda images, path, nrow: open(path, "wb").close())
+    monkeypatch.setattr(common, "plot_curves", lambda jsonl, png: open(png, "wb").close())
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +232,8 @@ def test_smoke_gad_export_reproduces_sampler(pipe, tmp_path):
     exported = DiffusionPipeline.from_pretrained(res["pipeline"])
     z = torch.randn(common.latent_shape(pipe, 1))
     out = exported("a red fox", latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
-                   **res["pipeline_call"]).images
+                   **documented_call(gs)).images  # the docstring's "Reload with" call
+    assert documented_call(gs).items() <= res["pipeline_call"].items()
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     student = copy.deepcopy(pipe.transformer)
     student.load_state_dict(ckpt["models"]["student"])
@@ -233,7 +244,10 @@ def test_smoke_gad_export_reproduces_sampler(pipe, tmp_path):
 
 
 def test_smoke_plain_sid_and_variants(pipe, tmp_path):
-    r0 = gs.train(tiny_args(tmp_path / "sid", gad_weight=0.0, fake_cfg=False), pipe=pipe)
+    # periods 0 = never, the end still gets its row, grid and checkpoint (issue 12: was ZeroDivisionError)
+    r0 = gs.train(tiny_args(tmp_path / "sid", gad_weight=0.0, fake_cfg=False, log_every=0, ckpt_every=0), pipe=pipe)
+    assert [r["step"] for r in common.Logger.read(str(tmp_path / "sid" / "metrics.jsonl"))] == [2]
+    assert {"ckpt.pt", "samples_000002.png"} <= set(os.listdir(tmp_path / "sid"))
     assert r0["loss_gad"] == 0.0 and "gad_gap" not in r0
     r1 = gs.train(tiny_args(tmp_path / "paper", gad_form="paper", gad_jvp="exact", steps=2), pipe=pipe)
     assert all(r1[k] == r1[k] for k in ("loss_sid", "loss_gad", "loss_fake"))
@@ -256,9 +270,11 @@ def test_resume_is_exact(pipe, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_nonfinite_loss_stops_with_step(pipe, tmp_path):
+def test_nonfinite_loss_stops_with_step(pipe, tmp_path, monkeypatch):
+    sample_sigma = gs.sample_sigma  # a NaN inside the step (a NaN flag is refused up front: issue 12)
+    monkeypatch.setattr(gs, "sample_sigma", lambda *a: sample_sigma(*a) * float("nan"))
     with pytest.raises(FloatingPointError, match="step 1"):
-        gs.train(tiny_args(tmp_path, cfg=float("nan")), pipe=pipe)
+        gs.train(tiny_args(tmp_path), pipe=pipe)
 
 
 def test_args_defaults_are_table11():

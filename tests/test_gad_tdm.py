@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from docs_call import documented_call
 
 import common
 import gad_tdm as M
@@ -195,8 +196,7 @@ def test_smoke_gad_and_base_export_reload_reproduces_sampler(tmp_path):
     # the stock pipeline with the documented call reproduces the training sampler
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "pipeline"))
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    lat = pipe("a red fox", num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0, latents=z,
-               output_type="latent", **common.PIPELINE_KWARGS["pixart"]).images
+    lat = pipe("a red fox", latents=z, output_type="latent", **documented_call(M)).images  # the docstring's call
     cond, _ = common.encode(pipe, "pixart", ["a red fox"], "cpu")
     abar = pipe.scheduler.alphas_cumprod.float()
     x0, states = M.sample(pipe.transformer, z, cond, (899, 674, 449, 224), abar, return_states=True)
@@ -226,7 +226,8 @@ def test_resume_continues_exactly(tmp_path):
     sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)["models"]["student"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     rows = common.Logger.read(os.path.join(b, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "resume_changed" not in r] == [1, 2, 3, 4]
+    assert rows[2] == {"step": 2, "resume_changed": {"steps": [2, 4]}}  # the safe change, logged (issue 12)
 
 
 def test_eval_reports_geometry_and_diversity(tmp_path):

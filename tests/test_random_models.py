@@ -79,11 +79,11 @@ def test_random_names_choose_the_family_config_and_refuse_another_family():
         common.random_variant("sdxl", "random-sd3m")
 
 
-def test_random_pixart_denoiser_runs_on_cpu_at_a_small_latent():
+def test_random_pixart_denoiser_runs_on_cpu_at_a_small_latent(random_denoiser):
     """Real-size PixArt-XL-2 (28 layers, 1152 wide) in fp32 on the CPU, 16x16 latent instead of 64x64: the
     sin-cos position embedding is recomputed for the smaller grid. The map must depend on its input
     (a zero-initialised output layer would give a constant)."""
-    net = common.random_denoiser("pixart").eval()
+    net = random_denoiser("pixart")
     assert abs(sum(p.numel() for p in net.parameters()) / PUBLISHED["pixart"]["transformer"] - 1) < TOLERANCE
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)  # two different latents, one forward

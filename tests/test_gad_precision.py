@@ -1,0 +1,90 @@
+"""GAD's response estimate at each family's real depth and width (the real-size random denoisers of --model random),
+by the code path and in the dtype that CUDA runs by default: each file's own response function, forward-mode JVP
+under bf16 autocast over fp32 weights. Compared with a float64 JVP of the same network on the same inputs.
+Reduced resolution (16 tokens) and batch 1 keep this within seconds on a CPU; depth and width are the real ones."""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import common
+import gad_ladd
+import gad_sid
+import gad_tdm
+
+H = 1e-2  # PixArt and SANA's h (Table 11); LADD's h = 1e-4 below
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every matrix multiply (the FLOPs that set a GPU's speed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
+                                   torch.ops.aten.convolution):
+            self.seen.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+BF16 = lambda: common.autocast(torch.device("cpu"), torch.bfloat16)  # the step's autocast under --dtype auto on CUDA
+
+
+def _pixart(net, x, v, g):
+    """gad_tdm's teacher response: CFG x0 at tau, cond and uncond in one forward (train()'s f_T), in responses()."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64), 0).float()  # PixArt's betas
+    emb = torch.randn(2, 120, 4096, generator=g) * 0.1
+    cond = lambda i, dt: {"encoder_hidden_states": emb[i:i + 1].to(dt), "encoder_attention_mask": torch.ones(1, 120),
+                          "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    tau = torch.tensor([600])
+    f = lambda m, y, n=1, dt=torch.float32: gad_tdm.teacher_x0(m, y, tau.repeat(n), common.cat(*[cond(0, dt)] * n),
+                                                               common.cat(*[cond(1, dt)] * n), 4.5, abar)[0]
+    with BF16():  # train() calls responses() inside the step's autocast
+        est = gad_tdm.responses(lambda y, n: f(net, y, n), x, v, H, "exact")[1]
+    return est, lambda m, y: f(m, y, dt=torch.float64)
+
+
+def _sana(net, x, v, g):
+    """gad_sid's teacher response: CFG x0 at sigma, gad_delta() as generator_update() calls it."""
+    emb = torch.randn(2, 300, 2304, generator=g) * 0.1
+    cond = lambda i, dt: {"encoder_hidden_states": emb[i:i + 1].to(dt), "encoder_attention_mask": torch.ones(1, 300)}
+    sigma = torch.tensor([0.6])
+    est = gad_sid.gad_delta(net, x, sigma, v, H, "exact", cond(0, torch.float32), cond(1, torch.float32), 4.5, BF16())
+    return est, lambda m, y: gad_sid.x0_pred(m, y, sigma, cond(0, torch.float64), cond(1, torch.float64), 4.5)
+
+
+def _sd21(net, x, v, g):
+    """gad_ladd's student response h J v at z, student_pair() as g_step() calls it (with gradients)."""
+    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0).float()
+    emb = torch.randn(1, 77, 1024, generator=g) * 0.1
+    cond = lambda dt: {"encoder_hidden_states": emb.to(dt)}
+    est = gad_ladd.student_pair(net, x, v, H, cond(torch.float32), abar, "epsilon", "exact", BF16())[1].detach()
+    return est, lambda m, y: gad_ladd.student_x0(m, y, cond(torch.float64), abar, "epsilon")
+
+
+@pytest.mark.parametrize("family,shape,response", [("pixart", (1, 4, 8, 8), _pixart), ("sana", (1, 32, 4, 4), _sana),
+                                                   ("sd21", (1, 4, 8, 8), _sd21)])
+def test_default_cuda_response_matches_a_float64_jvp_at_real_depth_and_width(family, shape, response, random_denoiser):
+    net = random_denoiser(family)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    spy = MatmulDtypes()
+    with spy:
+        est, f = response(net, x, v, g)  # bf16 autocast inside, as under --dtype auto on CUDA
+    assert spy.seen == {torch.bfloat16}  # the default runs every matmul in bf16
+    net64 = copy.deepcopy(net).double()  # the reference: the same network in float64, exact JVP (x0 arithmetic in fp32)
+    with torch.no_grad():
+        ref = H * common.jvp_pair(lambda y: f(net64, y), x.double(), v.double())[1].double()
+    cos = torch.nn.functional.cosine_similarity(est.flatten().double(), ref.flatten(), dim=0).item()
+    print(f"{family}: cos {cos:.6f}, relative error {((est.double() - ref).norm() / ref.norm()).item():.4f}")
+    assert cos >= 0.99
+
+
+def test_the_defaults_are_bf16_jvps_on_cuda():
+    for M in (gad_tdm, gad_sid, gad_ladd):
+        a = M.Args()
+        assert (a.gad_jvp, a.gad_fp32, a.dtype) == ("exact", False, "auto")
+    assert common.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
