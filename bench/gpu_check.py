@@ -24,6 +24,7 @@ import importlib
 import inspect
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -92,7 +93,7 @@ def bench_file(key: str, a, config: str | None) -> dict:
     batch, oom = a.batch or paper_batch, []
     while batch >= 1:
         kw = dict(model=a.model, device=a.device, batch_size=batch, bench=a.pairs, **over)
-        kw.update({"out": os.path.join(a.out, "bench_" + key)} if "out" in fields else {})
+        kw.update({"out": tempfile.mkdtemp(prefix=f"bench_{key}_", dir=a.out)} if "out" in fields else {})
         kw.update({"threads": 1} if a.device == "cpu" else {})
         free()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # as in a new process
@@ -216,7 +217,7 @@ def response_check(key: str, a) -> list:
 def fit_check(name: str, a) -> dict:
     mod = importlib.import_module(name)
     kw = dict(model=a.small_models[name] if a.small else "random", device=a.device, steps=2 if name == "dpdmd" else 1,
-              out=os.path.join(a.out, "fit_" + name), fake_updates_per_student=1, sample_every=0, eval=False,
+              out=tempfile.mkdtemp(prefix=f"fit_{name}_", dir=a.out), fake_updates_per_student=1, sample_every=0, eval=False,
               export=False, threads=1 if a.device == "cpu" else 0)  # dpdmd: one fake and one student update
     fields = {f.name for f in dataclasses.fields(mod.Args)}
     args = mod.Args(**{k: v for k, v in kw.items() if k in fields})

@@ -366,8 +366,8 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
     if isinstance(over, str):
         return {"na": over}
     kw = dict(model=model, device=device, dtype="bf16", batch_size=batch, bench=pairs, threads=1, **over)
-    if "out" in fields:
-        kw["out"] = os.path.join(tempfile.gettempdir(), f"gpu_cost_{key}")
+    if "out" in fields:  # a fresh directory: the files refuse to write over an earlier run
+        kw["out"] = tempfile.mkdtemp(prefix=f"gpu_cost_{key}_")
     emu, mode = MetaCuda(), CostMode(device)
     mode.verbose = verbose
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # a fresh process
