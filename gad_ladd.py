@@ -450,6 +450,10 @@ def evaluate(pipe, S, args, device, prompts) -> dict:
     return {**res, **geo}
 
 
+def bench_hook(use_gad: bool) -> None:
+    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
+
+
 def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
     """Interleaved base / GAD iterations (G + D step) on a synthetic batch; medians of time and peak memory. CUDA: the
     allocator peak. CPU: weights (frozen backbone; student and heads x4 for grads and AdamW) + peak bytes saved for
@@ -459,11 +463,13 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
     batch["cond"] = {"encoder_hidden_states": torch.randn(B, 77, unet.config.cross_attention_dim, device=device)}
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
     state = nbytes(unet) + 4 * (nbytes(S) + nbytes(heads))
-    params, saved, peak = {p.untyped_storage().data_ptr() for m in (S, heads, unet) for p in m.parameters()}, {}, [0]
+    # a storage's address from the tensor (storage().data_ptr() raises for some views saved under forward-mode AD)
+    address = lambda t: t.data_ptr() - t.storage_offset() * t.element_size()  # noqa: E731
+    params, saved, peak = {address(p) for m in (S, heads, unet) for p in m.parameters()}, {}, [0]
 
     def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if address(t) not in params:
+            saved[address(t)] = t.untyped_storage().nbytes()
         peak[0] = max(peak[0], sum(saved.values()))
         return t
 
@@ -475,6 +481,7 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
             if device.type == "cuda":
                 torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
+            bench_hook(w > 0)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 for stage in ("g", "d"):
                     saved.clear()

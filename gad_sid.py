@@ -107,6 +107,7 @@ class Args:
     prompts: str = ""  # prompt file, one per line ('' = built-in list)
     export: bool = True  # save the student as a SanaPipeline in out/pipeline at the end
     threads: int = 0  # CPU threads (0 = torch default or $CPU_THREADS)
+    bench: int = 0  # > 0: time N interleaved SiD / SiD+GAD steps (2 warm-up pairs first), print the ratios, exit
 
 
 # valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
@@ -292,6 +293,22 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
     return {"loss_sid": loss_sid.item(), "loss_gad": loss_gad.item(), **out}
 
 
+def bench_hook(use_gad: bool) -> None:
+    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
+
+
+def bench_result(rows: list) -> dict:
+    """--bench: medians over the steps after 2 warm-up pairs of step time and (CUDA) peak memory, without / with GAD."""
+    med = lambda gad, i: statistics.median(r[i] for r in rows[4:] if r[0] == gad)
+    out = {"step_time_base": med(False, 1), "step_time_gad": med(True, 1)}
+    out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
+    if rows[0][2]:
+        out.update(mem_base_gb=med(False, 2) / 2**30, mem_gad_gb=med(True, 2) / 2**30)
+        out["mem_ratio"] = out["mem_gad_gb"] / out["mem_base_gb"]
+    common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -366,8 +383,13 @@ def train(args: Args, pipe=None) -> dict:
     rss0 = rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    B = args.batch_size
-    for step in range(start + 1, args.steps + 1):
+    B, bench_rows = args.batch_size, []
+    for step in range(start + 1, (2 * args.bench + 4 if args.bench else args.steps) + 1):
+        use_gad = gad and not (args.bench and step % 2)  # --bench: odd steps without GAD, same draws as the next
+        if args.bench:
+            bench_hook(use_gad)
+            common.seed_everything(args.seed + (step + 1) // 2, dist.rank)
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         # 0. a batch of prompts, initial noise z, the generator step k ~ U{1..K}
         idx = torch.randint(len(prompts), (B,)).tolist()
         cond, uncond = (to_dev(c) for c in encode([prompts[i] for i in idx]))
@@ -385,8 +407,8 @@ def train(args: Args, pipe=None) -> dict:
         sigma = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
         eps = torch.randn_like(z)
         v_dir = torch.randn_like(z)  # drawn even without GAD: runs with and without it see the same k, sigma, eps
-        last = generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir if gad else None, cond, uncond,
-                                batched, ac, G)
+        last = generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir if use_gad else None, cond,
+                                uncond, batched and use_gad, ac, G)
 
         # 3. fake-score update on sg(x_g) at a fresh sigma, eps
         sigma_f = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
@@ -401,6 +423,9 @@ def train(args: Args, pipe=None) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
+        if args.bench:
+            bench_rows.append((use_gad, times[-1], torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0))
+            continue
 
         # logging, samples, checkpoints (rank 0)
         last["loss_fake"] = loss_fake.item()
@@ -412,6 +437,8 @@ def train(args: Args, pipe=None) -> dict:
             save_ckpt(step)
         logger.update()
     logger.close()
+    if args.bench:
+        return bench_result(bench_rows)
 
     # end: checkpoint, curves, samples, export, eval (rank 0)
     result = dict(last, step=args.steps, step_time_median=statistics.median(times) if times else float("nan"))

@@ -446,6 +446,10 @@ def train(args: Args) -> dict:
     return metrics
 
 
+def bench_hook(use_gad: bool) -> None:
+    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
+
+
 def bench(args, step_fn, device):
     """Interleave TDM and TDM+GAD steps on the same models; medians of step time (and of per-step peak CUDA
     memory on GPU). The first two steps of each are warm-up."""
@@ -456,6 +460,7 @@ def bench(args, step_fn, device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        bench_hook(use_gad)
         step_fn(i, use_gad)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -465,6 +470,7 @@ def bench(args, step_fn, device):
     out = {"step_time_base": med(times[False]), "step_time_gad": med(times[True])}
     out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
     if mems[True]:
+        out.update(mem_base_gb=med(mems[False]) / 2**30, mem_gad_gb=med(mems[True]) / 2**30)
         out["mem_ratio"] = med(mems[True]) / med(mems[False])
     common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out
