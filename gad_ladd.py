@@ -522,8 +522,8 @@ def train(args) -> dict:
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 finite differences need real fp32 (TF32 has a 10-bit mantissa)
     torch.backends.cudnn.allow_tf32 = False
-    if args.grad_ckpt and args.gad_weight > 0 and args.gad_jvp == "exact":  # recomputation drops the tangents
-        raise ValueError("--grad-ckpt needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
+    common.require(not (args.grad_ckpt and args.gad_weight > 0 and args.gad_jvp == "exact"),  # drops the tangents
+                   "argument --grad-ckpt: needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
     common.seed_everything(args.seed, dist.rank)
     ctx, scaler = common.autocast(device, dtype), common.make_scaler(device, dtype)
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)

@@ -247,3 +247,9 @@ def test_both_gad_forms_in_the_generator_step(pipe):
     gad = {f: G.g_step(S, heads, pipe.unet, b, G.Args(**TINY, gad_form=f), ctx, ab, "epsilon")[2]["gad"]
            for f in ("jvp", "paper")}
     assert gad["jvp"] > 1.0 and gad["paper"] == pytest.approx(1e-8 * gad["jvp"], rel=1e-4)
+
+
+def test_grad_ckpt_with_the_exact_jvp_is_refused_before_loading(tmp_path):
+    """Checkpoint recomputation runs outside forward-mode AD and would drop the student's tangent."""
+    with pytest.raises(common.UsageError, match="--gad-jvp fd"):
+        G.train(G.Args(**{**TINY, "out": str(tmp_path / "r")}, grad_ckpt=True))
