@@ -43,7 +43,7 @@ Eq. 9-10 as printed (differences not divided by h; the paper absorbs 1/h^2 into 
 with h, so at h = 1e-2 it is nearly inert (a 2D prototype moved nothing with it).
 
 Precision (--gad-jvp, --gad-fp32). The perturbation h v is ~1% of x_tau: in bf16 (3 significant digits) a finite
-difference is mostly rounding noise (cosine ~0.85 with the true response at PixArt's real size). The default,
+difference is mostly rounding noise (cosine 0.83 with the true response at PixArt's real size). The default,
 `exact`, computes Delta = h J v by forward-mode AD (common.jvp_pair) in the step's own precision: bf16 autocast on
 CUDA. A tangent is computed in its own right, so bf16 keeps it accurate (cosine 0.99999 with a float64 JVP at
 PixArt-XL-2's depth and width, tests/test_gad_precision.py), and its primal is the teacher and fake forward the base
