@@ -1010,6 +1010,9 @@ def diversity(features: torch.Tensor) -> float:
     mean_offdiag = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
     return (1 - mean_offdiag).mean().item()
 
+def bench_hook(use_gad: bool) -> None:
+    """Called by each GAD file at the start of every --bench step; bench/gpu_cost.py replaces it to count per step."""
+
 def check_finite(step: int, **losses) -> None:
     """Stop the run, naming the step and the term, when a loss is not finite (no silent NaN handling)."""
     for k, v in losses.items():

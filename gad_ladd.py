@@ -450,10 +450,6 @@ def evaluate(pipe, S, args, device, prompts) -> dict:
     return {**res, **geo}
 
 
-def bench_hook(use_gad: bool) -> None:
-    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
-
-
 def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
     """Interleaved base / GAD iterations (G + D step) on a synthetic batch; medians of time and peak memory. CUDA: the
     allocator peak. CPU: weights (frozen backbone; student and heads x4 for grads and AdamW) + peak bytes saved for
@@ -481,7 +477,7 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
             if device.type == "cuda":
                 torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            bench_hook(w > 0)
+            common.bench_hook(w > 0)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 for stage in ("g", "d"):
                     saved.clear()

@@ -293,10 +293,6 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
     return {"loss_sid": loss_sid.item(), "loss_gad": loss_gad.item(), **out}
 
 
-def bench_hook(use_gad: bool) -> None:
-    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
-
-
 def bench_result(rows: list) -> dict:
     """--bench: medians over the steps after 2 warm-up pairs of step time and (CUDA) peak memory, without / with GAD."""
     med = lambda gad, i: statistics.median(r[i] for r in rows[4:] if r[0] == gad)
@@ -387,7 +383,7 @@ def train(args: Args, pipe=None) -> dict:
     for step in range(start + 1, (2 * args.bench + 4 if args.bench else args.steps) + 1):
         use_gad = gad and not (args.bench and step % 2)  # --bench: odd steps without GAD, same draws as the next
         if args.bench:
-            bench_hook(use_gad)
+            common.bench_hook(use_gad)
             common.seed_everything(args.seed + (step + 1) // 2, dist.rank)
             torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
         # 0. a batch of prompts, initial noise z, the generator step k ~ U{1..K}

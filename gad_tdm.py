@@ -446,10 +446,6 @@ def train(args: Args) -> dict:
     return metrics
 
 
-def bench_hook(use_gad: bool) -> None:
-    """Called at the start of every --bench step; bench/gpu_cost.py replaces it to count FLOPs and memory per step."""
-
-
 def bench(args, step_fn, device):
     """Interleave TDM and TDM+GAD steps on the same models; medians of step time (and of per-step peak CUDA
     memory on GPU). The first two steps of each are warm-up."""
@@ -460,7 +456,7 @@ def bench(args, step_fn, device):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        bench_hook(use_gad)
+        common.bench_hook(use_gad)
         step_fn(i, use_gad)
         if device.type == "cuda":
             torch.cuda.synchronize()

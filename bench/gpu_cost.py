@@ -12,7 +12,7 @@ CostMode below, which:
   - answers the few data-dependent reads of a meta tensor (`.item()`, `bool()`: aten._local_scalar_dense) with a
     plausible value (True for bool, 1 for numbers), and copies out of meta (`.cpu()`, used to cache embeddings)
     with zeros. Nothing the step computes is a number: only shapes, dtypes and which ops run.
-The file hooks `bench_hook(use_gad)` (called at the start of every bench step) reset the counts per step.
+The files' calls of `common.bench_hook(use_gad)` (called at the start of every bench step) reset the counts per step.
 
 Meta has no autocast and no fused attention, so MetaCuda emulates what CUDA would do:
   - torch.autocast('meta', dtype) casts the inputs of CUDA autocast's lower-precision ops (linear, conv, matmul,
@@ -371,8 +371,8 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
     emu, mode = MetaCuda(), CostMode(device)
     mode.verbose = verbose
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # a fresh process
-    old_hook, old_load = mod.bench_hook, common.load_pipeline
-    mod.bench_hook = mode.begin
+    old_hook, old_load = common.bench_hook, common.load_pipeline
+    common.bench_hook = mode.begin
     if "device" in inspect.signature(old_load).parameters:  # build the real-size models on meta, not on the CPU
         common.load_pipeline = lambda *a, device=device, **k: old_load(*a, device=device, **k)
     try:
@@ -380,7 +380,7 @@ def run_file(key: str, model: str, config: str | None, batch: int, pairs: int, d
             mod.train(mod.Args(**kw))
         mode.end()
     finally:
-        mod.bench_hook, common.load_pipeline = old_hook, old_load
+        common.bench_hook, common.load_pipeline = old_hook, old_load
     recs = mode.steps[4:]  # the files time 2 warm-up steps of each kind first
     if not recs:
         raise RuntimeError(f"{mod_name}: no bench steps recorded (is bench_hook called?)")
