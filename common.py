@@ -415,7 +415,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-        ax.plot(*zip(*pts), lw=1)
+        ax.plot(*zip(*pts), lw=1, marker="." if len(pts) < 20 else None)  # a lone point stays visible
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
