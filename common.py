@@ -463,8 +463,8 @@ def read_prompts(path: str = "") -> list:
 
 # ==== Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
 # Real: DiffusionPipeline.from_pretrained(hub id or local dir). Tiny: the same pipeline class
-# assembled from small configs with random weights and offline tokenizers. Random: the same class at real
-# size, from the real configs in configs/ (below the tiny builders).
+# built from small configs (configs/tiny-<family>/) with random weights and offline tokenizers. Random: the same
+# class at real size, from the real configs in configs/ (see _random_pipeline).
 
 FAMILIES = {"sd21": ("StableDiffusionPipeline", "unet", "stabilityai/stable-diffusion-2-1-base"),
             "pixart": ("PixArtAlphaPipeline", "transformer", "PixArt-alpha/PixArt-XL-2-512x512"),
@@ -558,9 +558,8 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
         raise ValueError(f"unknown family {family!r}; one of {sorted(FAMILIES)}")
     cls_name, denoiser, _ = FAMILIES[family]
     if is_tiny(model):
-        with torch.random.fork_rng(devices=[]):  # the same random weights every time; caller's RNG untouched
-            torch.manual_seed(0)
-            pipe = TINY[family]()
+        with _own_rng():  # the same random weights every time; caller's RNG untouched
+            pipe = _random_pipeline(family, "tiny-" + family)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif is_random(model):
@@ -633,105 +632,18 @@ def _tiny_gemma_tokenizer():
     tok.model_max_length = 4096  # SANA's instruction prefix alone is ~1000 characters
     return tok
 
-def _clip(tok, hidden: int, projection: bool = False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=2 * hidden,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
-def _t5(tok, d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
-    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=tok.pad_token_id))
-
-def _vae_kl(shift_factor=None):
-    from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=4, sample_size=128, shift_factor=shift_factor)
-
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
-def _tiny_unet(**extra):
-    from diffusers import UNet2DConditionModel
-    cfg = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-               cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
-               norm_num_groups=8)
-    return UNet2DConditionModel(**{**cfg, **extra})
-
-def _tiny_sd21():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    tok = _tiny_clip_tokenizer()
-    sched = DDIMScheduler.from_config({**SD_BETAS, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-                                       "prediction_type": "epsilon"})
-    return StableDiffusionPipeline(vae=_vae_kl(), text_encoder=_clip(tok, 32), tokenizer=tok, unet=_tiny_unet(),
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-def _tiny_pixart():
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    tok = _tiny_t5_tokenizer()
-    tr = PixArtTransformer2DModel(sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
-                                  caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=24,
-                                  attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
-                                  norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
-    sched = DPMSolverMultistepScheduler.from_config({"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
-                                                     "beta_schedule": "linear", "prediction_type": "epsilon"})
-    return PixArtAlphaPipeline(tokenizer=tok, text_encoder=_t5(tok), vae=_vae_kl(), transformer=tr, scheduler=sched)
-
-def _tiny_sana():
-    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
-    tok = _tiny_gemma_tokenizer()
-    te = Gemma2Model(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0))
-    tr = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
-                                attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
-                                cross_attention_dim=16, caption_channels=32, sample_size=16)
-    both = lambda **kw: {f"{side}_{k}": v for k, v in kw.items() for side in ("encoder", "decoder")}
-    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, upsample_block_type="interpolate",
-                        downsample_block_type="conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
-                        **both(block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), block_out_channels=(8, 16, 16),
-                               layers_per_block=(1, 1, 1), qkv_multiscales=((), (), (5,))))
-    sched = FlowMatchEulerDiscreteScheduler.from_config({"num_train_timesteps": 1000, "shift": 3.0})
-    return SanaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr, scheduler=sched)
-
-def _tiny_sd3():
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    tok, tok3 = _tiny_clip_tokenizer(), _tiny_t5_tokenizer()
-    tr = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-                               attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
-                               caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16,
-                               qk_norm="rms_norm", dual_attention_layers=(0,))
-    sched = FlowMatchEulerDiscreteScheduler.from_config({"num_train_timesteps": 1000, "shift": 3.0})
-    return StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=_vae_kl(shift_factor=0.0),
-                                    text_encoder=_clip(tok, 16, True), tokenizer=tok, text_encoder_2=_clip(tok, 16, True),
-                                    tokenizer_2=_tiny_clip_tokenizer(), text_encoder_3=_t5(tok3, 32), tokenizer_3=tok3)
-
-def _tiny_sdxl():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    tok = _tiny_clip_tokenizer()
-    te, te2 = _clip(tok, 32), _clip(tok, 32, True)  # cross-attention width 32 + 32, pooled projection 64
-    unet = _tiny_unet(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                      projection_class_embeddings_input_dim=6 * 8 + te2.config.projection_dim)
-    sched = EulerDiscreteScheduler.from_config({**SD_BETAS, "steps_offset": 1, "timestep_spacing": "leading",
-                                                "prediction_type": "epsilon"})
-    return StableDiffusionXLPipeline(vae=_vae_kl(), text_encoder=te, text_encoder_2=te2, tokenizer=tok,
-                                     tokenizer_2=_tiny_clip_tokenizer(), unet=unet, scheduler=sched)
-
-TINY = {"sd21": _tiny_sd21, "pixart": _tiny_pixart, "sana": _tiny_sana, "sd3": _tiny_sd3, "sdxl": _tiny_sdxl}
-
-# Random: each family's real architecture, built from the real configs shipped as data in configs/<variant>/
-# (<component>.json as on the hub; sources in configs/README.md) by diffusers' and transformers' own from-config
-# initialisation. Tokenizers: the tiny offline ones above (the real ones need a download) with the real
-# model_max_length; their ids (< 520) stay below every real vocabulary (CLIP 49408, T5 32128, Gemma 256000),
-# so prompts encode, but into different token sequences than the real tokenizers would give.
+# Tiny and random: each family's pipeline class, its components built from configs shipped as data in
+# configs/<set>/ (<component>.json as on the hub; sources in configs/README.md) by diffusers' and transformers' own
+# from-config initialisation: configs/tiny-<family>/ are small (CPU, seconds), the other sets the real sizes.
+# Tokenizers: the tiny offline ones above (the real ones need a download); for a real-size set with the real
+# model_max_length. Their ids (< 520) stay below every real vocabulary (CLIP 49408, T5 32128, Gemma 256000), so
+# prompts encode, but into different token sequences than the real tokenizers would give.
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 RANDOM_VARIANTS = {"sd21": ("sd21",), "pixart": ("pixart",), "sana": ("sana",), "sd3": ("sd35m", "sd3m"),
                    "sdxl": ("sdxl",)}  # the first is the family's default (FAMILIES' hub id)
+TINY = tuple(FAMILIES)  # every family has a tiny set, configs/tiny-<family>/
 TEXT_MAX_LENGTH = {"pixart": 120, "sana": 300, "sd3": 256}  # T5 / Gemma lengths the pipelines use; CLIP keeps 77
 _TINY_TOKENIZERS = {"CLIPTokenizer": _tiny_clip_tokenizer, "T5Tokenizer": _tiny_t5_tokenizer,
                     "GemmaTokenizer": _tiny_gemma_tokenizer}
@@ -779,7 +691,7 @@ def _random_pipeline(family: str, variant: str):
         kind = getattr(p.annotation, "__name__", str(p.annotation))
         if name.startswith("tokenizer"):
             parts[name] = _TINY_TOKENIZERS[kind]()
-            if kind != "CLIPTokenizer":
+            if kind != "CLIPTokenizer" and not is_tiny(variant):
                 parts[name].model_max_length = TEXT_MAX_LENGTH[family]
         elif name not in parts and name != "self" and p.default is inspect.Parameter.empty:
             parts[name] = None  # safety checker, feature extractor: not part of the model

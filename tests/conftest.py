@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -17,4 +18,27 @@ def random_denoiser():
     import common
 
     cache = {}
-    return lambda family: cache.setdefault(family, common.random_denoiser(family).eval())
+
+    def build(family):
+        if family not in cache:
+            with all_cores():  # filling 0.6-0.9B random weights: both cores
+                cache[family] = common.random_denoiser(family).eval()
+        return cache[family]
+    return build
+
+
+@contextlib.contextmanager
+def all_cores():
+    """Real-size networks: every core (the suite's 1 thread is for the tiny models), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def real_size_threads():
+    with all_cores():
+        yield

@@ -250,5 +250,5 @@ def test_eq9_features_from_a_vision_model(pipes, tmp_path):
     f = dpdmd.features(torch.cat([lat, lat[:1].expand(3, -1, -1, -1)]), pipes["sd3"], fm)
     assert f.shape == (6, 16)
     div = common.diversity(f.view(2, 3, 16))  # prompt 0: three different samples; prompt 1: one sample thrice
-    assert common.diversity(f[:3].unsqueeze(0)) > 1e-3 and common.diversity(f[3:].unsqueeze(0)) == pytest.approx(0, abs=1e-5)
+    assert common.diversity(f[:3].unsqueeze(0)) > 1e-4 and common.diversity(f[3:].unsqueeze(0)) == pytest.approx(0, abs=1e-5)
     assert div == pytest.approx(common.diversity(f[:3].unsqueeze(0)) / 2, abs=1e-5)

@@ -151,8 +151,10 @@ def test_fd_approaches_exact_jvp(pipe, conds):
     sigma = torch.tensor([0.5, 0.8])
     exact = gs.gad_delta(T, x_t, sigma, v_dir, 1.0, "exact", cond, uncond, 4.5)  # h = 1: J v itself
     errs = [((gs.gad_delta(T, x_t, sigma, v_dir, h, "fd", cond, uncond, 4.5) / h - exact).norm() / exact.norm()).item()
-            for h in (1e-1, 1e-3)]
-    assert errs[1] < 5e-3 and errs[1] < errs[0] / 10, errs  # (at h = 1e-2 this random model is still curved)
+            for h in (1e-1, 1e-4)]
+    # SANA's linear attention has ReLU kernels: a difference converges only once h v crosses no kink (random tiny
+    # weights: error 0.16 at h = 1e-2, 0.02 at 1e-3, 0.003 at 1e-4, where fp32 rounding starts to show)
+    assert errs[1] < 5e-3 and errs[1] < errs[0] / 10, errs
 
 
 def test_rollout_only_last_step_has_grad(pipe, conds):
