@@ -23,7 +23,8 @@ Delta x0_real - Delta x0_fake. Read literally in eps, Eq. 9 has the opposite sig
 so it would push against the base loss's own direction; tests check the orientation we use.
 Note: Eq. 9 is linear in v_dir to first order and dx_t/dtheta does not depend on v_dir, so its mean over
 v_dir ~ N(0, I) is only O(h) (the Laplacian of the score gap); single draws carry the signal as noise-like
-per-sample pushes. The released TDM code instead back-propagates through the student's own response.
+per-sample pushes. --gad-path response drives G's own matched response instead: the repaired form of the released
+TDM block (matched base, x_t detached, 1/2 MSE; see gad_tdm.py), whose mean over directions is not zero.
 
 Equation map:
     Eq. 7  (L_base + lambda L_GAD)                 -> train(), step 2
@@ -292,7 +293,7 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
     common.check_finite(step, loss_sid=loss_sid, loss_gad=loss_gad)
     opt_g.zero_grad(set_to_none=True)
     if v_dir is not None and args.gad_path == "response":
-        # DEVIATION (the released TDM code's route): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sigma.
+        # DEVIATION (gad_tdm's repaired released block): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sg(x_t).
         # Eq. 9 through x_t is zero-mean over v to first order; this is a first-order push on G's Jacobian.
         # A second forward of G: the first backward accumulates without DDP's all-reduce.
         with G.no_sync() if hasattr(G, "no_sync") else contextlib.nullcontext():
