@@ -25,6 +25,7 @@ Where the paper is silent, we chose (marked `# SILENT:` in the code)
      heads, no timestep input (the backbone has it). The teacher module itself is the D backbone (shared, frozen).
   5. ADP: 2048 pairs, 25 teacher steps, CFG 7 for the pairs; latent D real/fake share t' with independent noises;
      pixel D resizes to the encoder's input size and uses its mean/std. TTUR k: k fake updates, then one G and one D.
+  6. Recipe: constant lr, no warm-up, no EMA (--lr-schedule, --lr-warmup, --ema-decay offer them; the EMA is exported).
 Deviations
   - Eq. 9 prints +λ2 D_τ2(x̃0) for the generator, which would make fakes look fake: we use -λ2 D_τ2 (sign typo).
   - ADP, DDPM teachers (SDXL): the paper switches the target to the pair velocity without saying how an ε-UNet does
@@ -101,6 +102,9 @@ class Args:
     eval: bool = True  # diversity metric on the grid samples
     prompts: str = ""  # prompt file, one per line ('' = built-in list)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
+    lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule of every net (paper silent)
+    lr_warmup: int = 0  # linear lr warm-up steps (paper silent: none)
+    ema_decay: float = 0.0  # EMA of the generator, exported when on; 0 = off (paper silent)
 
 
 # ---- Schedules (Eq. 1) and the paper's equations as pure functions ---------------------------------------
@@ -528,8 +532,10 @@ def train_stage(args: Args) -> dict:
         pipe.to(dtype=dtype)
     # resume (exact: models, optimizers, RNG) or initialise G from another checkpoint (DMDX: the ADP generator)
     M.scaler, start = common.make_scaler(dev, dtype), 0
+    scheds, ema = common.lr_schedulers(M.opt, args), common.make_ema(M.G_u, args.ema_decay)  # SILENT: constant, no EMA
     if ckpt_path:  # models, optimizers and RNG (one stream per rank under torchrun: common.load_checkpoint)
-        start = common.load_checkpoint(ckpt_path, models, M.opt, M.scaler)["step"]
+        start = common.load_checkpoint(ckpt_path, {**models, **({"ema": ema} if ema else {})}, M.opt, M.scaler,
+                                       schedulers=scheds)["step"]
     else:
         common.seed_everything(args.seed, dist.rank)  # same models on every rank (built above), data differ per rank
         if args.init:  # DMDX: the ADM stage starts from the ADP generator
@@ -554,6 +560,8 @@ def train_stage(args: Args) -> dict:
             cond, _ = common.encode(pipe, family, [pair_prompts[i] for i in j.tolist()], dev)
             out = adp_step(M, cond, Z[j].to(dev), X0[j].to(dev), args, dev)
         common.check_finite(step, **out)
+        common.lr_step(scheds)
+        ema.update_parameters(M.G_u) if ema else None
         metrics = {k: float(v.detach()) for k, v in out.items()}
         logger.update()
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
@@ -565,12 +573,13 @@ def train_stage(args: Args) -> dict:
                 logger.log(step, diversity=div)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
         if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
-            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, M.opt, step, args, M.scaler,
-                                   extra={"stage": args.stage, "gen_steps": N})
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {**models, **({"ema": ema} if ema else {})}, M.opt,
+                                   step, args, M.scaler, extra={"stage": args.stage, "gen_steps": N}, schedulers=scheds)
         common.barrier()
     logger.close()
     if dist.is_main:  # the docstring's "Reload with" call (no CFG, Sec. 5)
-        common.export_pipeline(pipe, M.G_u, os.path.join(args.out, "pipeline"), scheduler=export_scheduler(pipe, family))
+        common.export_pipeline(pipe, ema.module if ema else M.G_u, os.path.join(args.out, "pipeline"),
+                               scheduler=export_scheduler(pipe, family))
     common.barrier()
     return metrics
 

@@ -145,7 +145,9 @@ def wrap_ddp(model: torch.nn.Module, dist) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The network inside a DDP wrapper (an EMA's AveragedModel is kept whole: its n_averaged belongs to it)."""
+    ema = isinstance(model, torch.optim.swa_utils.AveragedModel)
+    return model.module if hasattr(model, "module") and not ema else model
 
 def barrier() -> None:
     if torch_dist.is_initialized():
@@ -174,9 +176,12 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, scaler=None, extra=None) -> None:
-    """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file."""
+def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, scaler=None, extra=None,
+                    schedulers=None) -> None:
+    """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file.
+    schedulers: lr_schedulers()' dict (their step counts); an EMA (make_ema) rides in `models`."""
     ckpt = {"models": {k: unwrap(m).state_dict() for k, m in models.items()},
+            "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, "rng": _rng_state(), "extra": extra}
@@ -209,19 +214,24 @@ def resolve_resume(resume: str, out_dir: str) -> str | None:
         raise UsageError(f"--resume {resume}: no checkpoint at {path}{hint}")
     return path
 
-def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, restore_rng: bool = True) -> dict:
+def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, restore_rng: bool = True,
+                    schedulers=None) -> dict:
     """Load state in place and return the checkpoint dict (its 'step' is the last finished step).
-    Optimisers keep the learning rate they were built with: start_run has already reconciled it with the saved one."""
+    Optimisers keep the learning rate they were built with: start_run has already reconciled it with the saved one.
+    schedulers (lr_schedulers(), built before this call) continue from the saved step, on that learning rate."""
     ckpt = read_checkpoint(path)
     for k, m in models.items():
         unwrap(m).load_state_dict(ckpt["models"][k])
     for k, o in optimizers.items():
-        lrs = [g["lr"] for g in o.param_groups]
+        lrs = [g.get("initial_lr", g["lr"]) for g in o.param_groups]  # a scheduler's base lr, else the lr
         o.load_state_dict(ckpt["optimizers"][k])
         for g, lr in zip(o.param_groups, lrs):  # an explicit --lr on resume applies for real
             g["lr"] = lr
+            if "initial_lr" in g:  # and is the base of its lr schedule
+                g["initial_lr"] = lr
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
+    _load_schedulers(schedulers or {}, ckpt.get("schedulers") or {})
     if restore_rng:
         _set_rng_state(ckpt["rng"])
         if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
@@ -229,6 +239,45 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
             seed_everything(int(torch.randint(2**31, (1,))), torch_dist.get_rank())
     _RUN.ckpt = (path, ckpt["step"])
     return ckpt
+
+# ==== Learning-rate schedules (--lr-schedule, --lr-warmup) and the EMA of the student (--ema-decay), issue 11.
+# The ecosystem's mechanisms: diffusers' get_scheduler (a torch LambdaLR) and torch's AveragedModel.
+
+def lr_schedulers(optimizers: dict, args) -> dict:
+    """One diffusers scheduler per optimiser, stepped once per training iteration (lr_step). 'constant' is diffusers'
+    constant_with_warmup (linear warm-up from 0 over --lr-warmup steps; 0 = a constant lr); 'cosine_with_restarts' warms
+    up, then decays on a cosine over the rest of --steps (diffusers' default num_cycles = 1). Build before
+    load_checkpoint(schedulers=...), which continues the saved step count on the reconciled lr."""
+    from diffusers.optimization import get_scheduler
+    name = {"constant": "constant_with_warmup"}.get(args.lr_schedule, args.lr_schedule)
+    return {k: get_scheduler(name, optimizer=o, num_warmup_steps=args.lr_warmup, num_training_steps=args.steps)
+            for k, o in optimizers.items()}
+
+def _load_schedulers(schedulers: dict, state: dict) -> None:
+    """Continue each scheduler from its saved step, on the base lr its optimiser holds now (an explicitly typed --lr on
+    resume applies); the optimiser's lr is set to base x lambda(step), exactly what the uninterrupted run computes."""
+    for k, s in schedulers.items():
+        if k not in state:  # a checkpoint written before schedules existed: start the schedule here
+            continue
+        base = [g["initial_lr"] for g in s.optimizer.param_groups]
+        s.load_state_dict(state[k])
+        s.base_lrs = base
+        for g, b, f in zip(s.optimizer.param_groups, base, s.lr_lambdas):
+            g["lr"] = b * f(s.last_epoch)
+        s._last_lr = [g["lr"] for g in s.optimizer.param_groups]
+
+def lr_step(schedulers: dict) -> None:
+    for s in schedulers.values():
+        s.step()
+
+def make_ema(model: torch.nn.Module, decay: float):
+    """--ema-decay > 0: torch's AveragedModel with get_ema_multi_avg_fn, ema <- decay ema + (1 - decay) theta after each
+    update_parameters(model) (the first call copies theta); parameters and buffers. None when decay is 0. It is an
+    nn.Module, so it is saved and resumed in the checkpoint's `models` dict; export its `.module`."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True).requires_grad_(False)
 
 # ==== The run contract, checked at the top of train() before any model loads (README "Runs and resume"):
 #  1. every numeric flag in its range (UsageError naming the flag: exit code 2 from the command line);
@@ -238,9 +287,10 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
 #     refused, a safe one (steps, periods, eval, lr) is applied and logged in metrics.jsonl;
 #  4. prompts file and every model id (local dir of the right family, cached or reachable hub id) checked up front.
 
-RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0", "lr_*": "> 0", "*_lr": "> 0",
-          "seed": ">= 0", "seeds": ">= 1", "threads": ">= 0", "bench": ">= 0", "*_weight": ">= 0", "weight_decay": ">= 0",
-          "grad_clip": "> 0", "clip": "> 0", "betas": "[0, 1)", "eval_seeds": ">= 2", "*_steps": ">= 1"}
+RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0", "lr_warmup": ">= 0", "lr_*": "> 0",
+          "*_lr": "> 0", "ema_decay": "[0, 1)", "seed": ">= 0", "seeds": ">= 1", "threads": ">= 0", "bench": ">= 0",
+          "*_weight": ">= 0", "weight_decay": ">= 0", "grad_clip": "> 0", "clip": "> 0", "betas": "[0, 1)",
+          "eval_seeds": ">= 2", "*_steps": ">= 1"}
 RUN_LOCAL = ("out", "resume", "overwrite", "device", "threads", "bench")  # never compared, never taken from a checkpoint
 SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt",
                   "grad_checkpointing", "lr", "lr_*", "*_lr")

@@ -26,6 +26,12 @@ Deviations (each also marked `# DEVIATION:` at its line):
     (the paper uses DINOv3-ViT-L and CLIP-ViT-L, N = 9 seeds).
   - Multi-rank resume: common.load_checkpoint derives one RNG stream per rank from rank 0's saved state, so
     only single-process resume is exact.
+  - DMD normaliser: mean|x_hat - x0_real| as Eq. 5 / DMD2 / ADM Eq. 5 write it (default); the authors' SD3.5 code
+    divides by mean|x_t - x0_real| (--dmd-norm x_t). With Gaussian denoisers theirs is 0.8-4.7x ours depending on
+    sigma (issue 11 audit), which shifts the balance of DMD against lambda L_div behind the paper's numbers.
+  - lr schedule: DMD2's (main/train_sd.py: diffusers constant_with_warmup, warmup_step 500, both nets, stepped every
+    iteration); the DP-DMD authors' own schedule was not re-checked here.
+Matched to the authors' code (issue 11): AdamW weight decay 0.0 (was 0.01, torch's default).
 
 Commands:
   single GPU : python dpdmd.py                       # SD3.5-Medium, lambda = 0.05, k = 5
@@ -66,7 +72,11 @@ class Args:
     student_steps: int = 4  # student NFE (4 in all tables)
     fake_updates_per_student: int = 5  # fake-score updates between two student updates (authors' code)
     lr: float = 1e-5  # AdamW learning rate of student and fake score (Sec. 5.1)
-    weight_decay: float = 0.01  # AdamW weight decay (torch/DMD2 default)
+    weight_decay: float = 0.0  # AdamW weight decay (the authors' SD3.5 code and run script)
+    dmd_norm: Literal["x_hat", "x_t"] = "x_hat"  # DMD normaliser mean|. - x0_real|: x_hat (Eq. 5, DMD2) or x_t (authors' code)
+    lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule of both nets (DMD2: constant)
+    lr_warmup: int = 500  # linear lr warm-up, in iterations (DMD2 main/train_sd.py: warmup_step 500, both nets)
+    ema_decay: float = 0.0  # EMA of the student, exported when on; 0 = off
     grad_clip: float = 1.0  # gradient-norm clip for both nets (authors' code)
     min_t: float = 0.02  # DMD timesteps are drawn from [min_t, max_t] x T (DMD2)
     max_t: float = 0.98  # upper end of the DMD timestep range
@@ -167,10 +177,12 @@ class Schedule:
 # The paper's equations as pure functions on tensors
 
 
-def dmd_grad(x, x0_real, x0_fake):
-    """Eq. 5 (DMD2 form): g = (x0_fake - x0_real) / mean_CHW |x - x0_real|, in fp32."""
+def dmd_grad(x, x0_real, x0_fake, x_norm=None):
+    """Eq. 5 (DMD2 form): g = (x0_fake - x0_real) / mean_CHW |x - x0_real|, in fp32. x_norm: the tensor the normaliser
+    is taken at instead of x (--dmd-norm x_t: the noisy input x_t, as the authors' code divides)."""
     x, x0_real, x0_fake = x.float(), x0_real.float(), x0_fake.float()
-    norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+    at = x if x_norm is None else x_norm.float()  # DEVIATION: default at x (Eq. 5); authors' code: x_t
+    norm = (at - x0_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     return (x0_fake - x0_real) / norm
 
 
@@ -299,7 +311,7 @@ def student_loss(student, teacher, fake, z, cond, uncond, w: float, sch: Schedul
     with torch.no_grad():
         x0_real = sch.to_x0(x_t, denoise(teacher, x_t, t, cond, uncond, w), alpha, sigma)
         x0_fake = sch.to_x0(x_t, denoise(fake, x_t, t, cond), alpha, sigma)
-    loss_dmd = dmd_loss(x_hat, dmd_grad(x_hat.detach(), x0_real, x0_fake))
+    loss_dmd = dmd_loss(x_hat, dmd_grad(x_hat.detach(), x0_real, x0_fake, x_t if a.dmd_norm == "x_t" else None))
     loss_div = div_loss(first, target) if target is not None else torch.zeros((), device=z.device)
     return loss_dmd + a.div_weight * loss_div, loss_dmd, loss_div
 
@@ -347,6 +359,9 @@ def train(args: Args, pipe=None) -> dict:
     sch = Schedule(stock_scheduler(pipe, flow), flow, args.student_steps, args.teacher_steps)
     opt_s = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheds = common.lr_schedulers({"student": opt_s, "fake": opt_f}, args)  # both stepped every iteration, as DMD2
+    ema = common.make_ema(student, args.ema_decay)
+    models = {"student": student, "fake": fake, **({"ema": ema} if ema else {})}
     scaler = common.make_scaler(device, dtype)
     prompts = common.read_prompts(args.prompts)
     eval_prompts = [common.PROMPTS[i % len(common.PROMPTS)] for i in range(args.eval_prompts)]
@@ -355,8 +370,7 @@ def train(args: Args, pipe=None) -> dict:
     common.seed_everything(args.seed, dist.rank)
     start, path = 0, ckpt_path
     if path:
-        start = common.load_checkpoint(path, {"student": student, "fake": fake}, {"student": opt_s, "fake": opt_f},
-                                       scaler)["step"]
+        start = common.load_checkpoint(path, models, {"student": opt_s, "fake": opt_f}, scaler, schedulers=scheds)["step"]
         common.print0(f"resumed from {path} at step {start}")
     student_d, fake_d = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     feat_model = None
@@ -400,8 +414,10 @@ def train(args: Args, pipe=None) -> dict:
                 loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
             common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
             gn = update(opt_s, student_d, loss)
+            ema.update_parameters(student) if ema else None
             row = {"dmd_loss": loss_dmd.item(), "div_loss": loss_div.item(), "loss": loss.item(), "grad_norm": gn.item()}
         metrics.update(row)
+        common.lr_step(scheds)
 
         # logging, evaluation, grids, checkpoints (rank 0)
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
@@ -416,15 +432,15 @@ def train(args: Args, pipe=None) -> dict:
             common.save_grid(common.decode(pipe, lat), os.path.join(args.out, f"samples_{step:06d}.png"), nrow=4)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
         if dist.is_main and common.due(step, args.ckpt_every, last):
-            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": student, "fake": fake},
-                                   {"student": opt_s, "fake": opt_f}, step, args, scaler)
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, {"student": opt_s, "fake": opt_f}, step, args,
+                                   scaler, schedulers=scheds)
         common.barrier()
         logger.update()
     logger.close()
 
     # export: stock pipeline + the student + the scheduler that reproduces the training sampler
     if dist.is_main and args.export:
-        metrics["pipeline"] = common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"),
+        metrics["pipeline"] = common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"),
                                                      scheduler=stock_scheduler(pipe, flow))
     common.barrier()
     common.cleanup()

@@ -76,6 +76,9 @@ class Args:
     teacher_steps: int = 50  # teacher DDIM steps for the stored endpoints (Nitro-1)
     cfg: float = 3.0  # teacher classifier-free guidance scale (Nitro-1)
     clip: float = 1.0  # gradient-norm clipping (G and D)
+    lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule of G and D (Nitro-1: constant)
+    lr_warmup: int = 0  # linear lr warm-up steps (Nitro-1's default 'constant' schedule ignores its 500)
+    ema_decay: float = 0.0  # EMA of the student, exported when on; 0 = off (Nitro-1 keeps none)
     # data stage
     stage: Literal["all", "data", "train"] = "all"  # all = generate missing shards, then train
     data_dir: str = ""  # teacher-pair shards; '' = <out>/data
@@ -543,15 +546,19 @@ def train(args) -> dict:
             return common.cleanup() or {"data_dir": data_dir(args)}
     shards = load_data(args, device)
 
+    scheds, ema = common.lr_schedulers({"g": opt_g, "d": opt_d}, args), common.make_ema(S, args.ema_decay)
+    models = {"student": S, "heads": heads, **({"ema": ema} if ema else {})}
     start = 0
     if ckpt_path:
-        start = common.load_checkpoint(ckpt_path, {"student": S, "heads": heads}, {"g": opt_g, "d": opt_d}, scaler)["step"]
+        start = common.load_checkpoint(ckpt_path, models, {"g": opt_g, "d": opt_d}, scaler, schedulers=scheds)["step"]
     S_ddp, heads_ddp = common.wrap_ddp(S, dist), common.wrap_ddp(heads, dist)
     log, row = common.Logger(args.out, args.steps, start, dist.is_main), {}
     for step in range(start + 1, args.steps + 1):
         idx = torch.randint(0, args.n_data, (args.batch_size,))  # all randomness from the global torch RNG
         batch = get_batch(shards, idx, device, args.shard_size)
         row = train_step(S_ddp, heads_ddp, unet, opt_g, opt_d, scaler, batch, args, ctx, ab, pt)  # 2.-3. G then D
+        common.lr_step(scheds)
+        ema.update_parameters(S) if ema else None
         common.check_finite(step, **row)
         if common.due(step, args.log_every, step == args.steps):
             log.log(step, **row)
@@ -559,15 +566,16 @@ def train(args) -> dict:
             save_samples(pipe, S, os.path.join(args.out, f"samples_{step:06d}.png"), device, ab, pt, prompts)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
         if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
-            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": S, "heads": heads},
-                                   {"g": opt_g, "d": opt_d}, step, args, scaler)
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, {"g": opt_g, "d": opt_d}, step, args, scaler,
+                                   schedulers=scheds)
         log.update()
     log.close()
     result = dict(row)
     if dist.is_main:
-        common.export_pipeline(pipe, S, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))
+        S_out = ema.module if ema else S  # --ema-decay > 0: export and evaluate the EMA
+        common.export_pipeline(pipe, S_out, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))
         if args.eval:
-            result.update(evaluate(pipe, S.eval(), args, device, prompts))
+            result.update(evaluate(pipe, S_out.eval(), args, device, prompts))
             with open(os.path.join(args.out, "eval.json"), "w") as f:
                 json.dump({**result, "args": asdict(args)}, f, indent=1)
             common.print0(json.dumps(result))

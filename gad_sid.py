@@ -23,7 +23,8 @@ Delta x0_real - Delta x0_fake. Read literally in eps, Eq. 9 has the opposite sig
 so it would push against the base loss's own direction; tests check the orientation we use.
 Note: Eq. 9 is linear in v_dir to first order and dx_t/dtheta does not depend on v_dir, so its mean over
 v_dir ~ N(0, I) is only O(h) (the Laplacian of the score gap); single draws carry the signal as noise-like
-per-sample pushes. The released TDM code instead back-propagates through the student's own response.
+per-sample pushes. --gad-path response drives G's own matched response instead: the repaired form of the released
+TDM block (matched base, x_t detached, 1/2 MSE; see gad_tdm.py), whose mean over directions is not zero.
 
 Equation map:
     Eq. 7  (L_base + lambda L_GAD)                 -> train(), step 2
@@ -43,6 +44,11 @@ Deviations:
       no-grad JVP per network. --gad-jvp fd: finite differences, always in fp32 (inputs, networks, outputs) since
       the bf16 grid (2^-8) swallows an h = 1e-2 move; under bf16 the pair [x_t, x_t + h v] is one extra fp32 forward.
     - Non-finite loss stops the run naming the step; released SiD drops NaN samples silently.
+Recipe as ml-sid-dit runs it (training/sid_dit_training_loop.py; issue 11): losses reduced as there,
+    generator sum x loss_scaling_G (100) / batch and fake sum / batch (--loss-reduction sum, default; loss_scale());
+    --loss-reduction mean gives per-element means (819,200x smaller generator loss at SANA-512: the same direction,
+    but Adam's eps = 1e-8 weighs more). Constant lr, no warm-up (no scheduler there): --lr-schedule constant.
+    No EMA (ema_halflife_kimg = 0, and G_ema = None under FSDP): --ema-decay 0; > 0 exports the EMA.
     - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
     - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
 Commands:
@@ -90,6 +96,10 @@ class Args:
     gad_fp32: bool = False  # exact: JVPs in fp32 too (default: the step's precision, bf16 on CUDA). fd: always fp32
     gad_path: Literal["xtau", "response"] = "xtau"  # Eq. 9's gradient via dx_t/dtheta (paper) or G's own response
     gad_batched: bool = True  # fp32 + fd: perturbed rows ride in the SiD teacher/fake forwards (fewest calls)
+    loss_reduction: Literal["sum", "mean"] = "sum"  # sum: ml-sid-dit's scale (G: sum x 100 / batch, fake: sum / batch)
+    lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule (ml-sid-dit: none, constant)
+    lr_warmup: int = 0  # linear lr warm-up steps (ml-sid-dit: none)
+    ema_decay: float = 0.0  # EMA of the generator, exported when on; 0 = off (ml-sid-dit keeps none under FSDP)
     model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, 'tiny', or 'random' (real size)
     out: str = "runs/gad_sid"  # output directory
     steps: int = 5000  # training iterations (Table 11, SANA)
@@ -131,6 +141,18 @@ def sample_sigma(n: int, mean: float, std: float, device) -> torch.Tensor:
 def renoise(x0: torch.Tensor, eps: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """x_sigma = (1 - sigma) x0 + sigma eps (flow matching)."""
     return (1 - bc(sigma)) * x0.float() + bc(sigma) * eps.float()
+
+
+SID_LOSS_SCALING_G = 100.0  # ml-sid-dit training_loop: loss_scaling_G (the fake's loss_scaling is 1)
+
+
+def loss_scale(x: torch.Tensor, role: str, reduction: str) -> float:
+    """ml-sid-dit's reductions as a factor on our per-element means: generator sum x loss_scaling_G / batch
+    = mean x (C H W) x 100; fake score sum / batch = mean x (C H W). --loss-reduction mean: 1. Adam is invariant to
+    the factor except through its eps (1e-8), which it shrinks relative to the gradients (819,200x at SANA-512)."""
+    if reduction == "mean":
+        return 1.0
+    return x[0].numel() * (SID_LOSS_SCALING_G if role == "generator" else 1.0)
 
 
 def sid_generator_loss(y_r, y_f, x_g, sigma, alpha: float) -> torch.Tensor:
@@ -260,17 +282,18 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
             jac = None if args.gad_fp32 else ac  # precision of the JVP forwards
             dy_r = gad_delta(teacher, x_t, sigma, v_dir, h, args.gad_jvp, cond, uncond, args.cfg, jac)
             dy_f = gad_delta(fake, x_t, sigma, v_dir, h, args.gad_jvp, cond, u_f, cfg_f, jac)
-    loss_sid = sid_generator_loss(y_r, y_f, x_g, sigma, args.alpha)
+    k = loss_scale(x_g, "generator", args.loss_reduction)  # the SiD and GAD terms alike: lambda keeps its meaning
+    loss_sid = k * sid_generator_loss(y_r, y_f, x_g, sigma, args.alpha)
     out = {}
     loss_gad = torch.zeros((), device=x_g.device)
     if v_dir is not None:
         D = gad_direction(dy_f, dy_r, sigma, h, args.gad_form)
-        loss_gad = gad_surrogate(D, x_t)
+        loss_gad = k * gad_surrogate(D, x_t)
         out["gad_gap"] = D.abs().mean().item()  # mean |w (Delta x0_F - Delta x0_T)| [/h]
     common.check_finite(step, loss_sid=loss_sid, loss_gad=loss_gad)
     opt_g.zero_grad(set_to_none=True)
     if v_dir is not None and args.gad_path == "response":
-        # DEVIATION (the released TDM code's route): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sigma.
+        # DEVIATION (gad_tdm's repaired released block): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sg(x_t).
         # Eq. 9 through x_t is zero-mean over v to first order; this is a first-order push on G's Jacobian.
         # A second forward of G: the first backward accumulates without DDP's all-reduce.
         with G.no_sync() if hasattr(G, "no_sync") else contextlib.nullcontext():
@@ -283,7 +306,7 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
             with torch.autocast(x.device.type, enabled=False):  # a finite difference only in fp32
                 y0, y1 = x0_pred(G, torch.cat([x, x + h * vd]), sigma.repeat(2), pair(cond)).chunk(2)
                 dS = y1 - y0
-        loss_gad = gad_surrogate(D, dS / h if args.gad_form == "jvp" else dS)
+        loss_gad = k * gad_surrogate(D, dS / h if args.gad_form == "jvp" else dS)
         common.check_finite(step, loss_gad=loss_gad)
         (args.gad_weight * loss_gad).backward()
     else:
@@ -338,9 +361,11 @@ def train(args: Args, pipe=None) -> dict:
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     opt_g = torch.optim.Adam(student.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=tuple(args.betas))
+    scheds, ema = common.lr_schedulers({"g": opt_g, "f": opt_f}, args), common.make_ema(student, args.ema_decay)
+    models = {"student": student, "fake": fake, **({"ema": ema} if ema else {})}
     start = 0
     if ckpt_path:
-        start = common.load_checkpoint(ckpt_path, {"student": student, "fake": fake}, {"g": opt_g, "f": opt_f})["step"]
+        start = common.load_checkpoint(ckpt_path, models, {"g": opt_g, "f": opt_f}, schedulers=scheds)["step"]
     G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
 
     # prompts: embeddings cached on the CPU for lists up to 512 prompts
@@ -371,8 +396,8 @@ def train(args: Args, pipe=None) -> dict:
         common.save_grid(common.decode(pipe, x), os.path.join(args.out, f"samples_{step:06d}.png"), nrow=4)
 
     def save_ckpt(step):
-        common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": student, "fake": fake},
-                               {"g": opt_g, "f": opt_f}, step, args)
+        common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, {"g": opt_g, "f": opt_f}, step, args,
+                               schedulers=scheds)
 
     logger = common.Logger(args.out, args.steps, start, dist.is_main)
     times, last = [], {}
@@ -411,11 +436,13 @@ def train(args: Args, pipe=None) -> dict:
         eps_f = torch.randn_like(z)
         with ac:
             v_F = velocity(F, renoise(x_g.detach(), eps_f, sigma_f), sigma_f, cond, *fake_guidance(args, uncond))
-        loss_fake = fake_score_loss(v_F, eps_f, x_g)
+        loss_fake = loss_scale(x_g, "fake", args.loss_reduction) * fake_score_loss(v_F, eps_f, x_g)
         common.check_finite(step, loss_fake=loss_fake)
         opt_f.zero_grad(set_to_none=True)
         loss_fake.backward()
         opt_f.step()
+        common.lr_step(scheds)
+        ema.update_parameters(student) if ema else None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
@@ -448,11 +475,12 @@ def train(args: Args, pipe=None) -> dict:
         if not common.due(args.steps, args.sample_every, False):  # else already saved in the loop
             save_samples(args.steps)
         if args.export:
-            result["pipeline"] = common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"),
+            exported = ema.module if ema else student  # --ema-decay > 0: the EMA weights
+            result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
                                                         scheduler=export_scheduler())
             result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
         if args.eval:
-            result.update(evaluate(args, pipe, student, grid_prompts, encode, to_dev, device))
+            result.update(evaluate(args, pipe, ema.module if ema else student, grid_prompts, encode, to_dev, device))
         common.print0(result)
     common.barrier()
     common.cleanup()

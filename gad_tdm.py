@@ -31,11 +31,24 @@ the sign would flip (Delta eps = (h v - alpha Delta x0)/sigma); the released cod
 Which parameters Eq. 9 moves (--gad-path). As printed, the GAD vector reaches theta only through dx_tau/dtheta,
 which does not depend on v. To first order in h the vector is (J_fake - J_real) v: zero-mean over v ~ N(0, I).
 Averaged over directions, the printed Eq. 9 pushes only through curvature (an O(h) term) and otherwise adds
-zero-mean noise (tests check this on linear maps). The released code drives the student's own response
-S(x_tau + h v, tau) - S(x_tau, tau) with the same vector instead: a first-order push of the student's Jacobian
-towards teacher minus fake. `--gad-path xtau` (default, the paper) or `response` (released code; one more
-student forward with grad; its gradient through the tangent is exact: common.jvp_pair, checked against a float64
-numerical derivative, where back-propagating through torch.func.jvp is silently wrong).
+zero-mean noise (tests check this on linear maps). `--gad-path xtau` (default) is the paper as printed.
+`--gad-path response` drives the student's own matched response S(x_tau + h v, tau) - S(x_tau, tau) at sg(x_tau)
+with the same vector (surrogate mean(sg(g) dS), i.e. 1/2 MSE to sg(dS - g)): a first-order push of the student's
+Jacobian, whose mean over directions is not zero. It is a *repaired* form of the released block, not that block.
+The released block is ds = (S(x_tau + delta, tau) - x0_hat(x_{t_g}, t_g)) / h: its base is the student's x0 at a
+different input and noise level from the teacher's and fake's base x_tau, so its gradient is almost all the O(1)/h
+gap S(x_tau, tau) - x0_hat(x_{t_g}, t_g) (>= 99.9% on stand-in networks, issue 11), odd in delta, and its mean over
+directions is about zero: the flaw of printed Eq. 9 again. Ours changes three things: matched base S(x_tau, tau),
+x_tau detached, and 1/2 MSE instead of the released Huber loss normalised by W (tests/test_gad_tdm.py checks the
+mean-gradient claim both ways). One more student forward with grad; its gradient through the tangent is exact
+(common.jvp_pair, checked against a float64 numerical derivative; back-propagating through torch.func.jvp is not).
+
+x_tau is detached in the response path (the released s_pert is not). The teacher's and the fake's responses are
+taken at sg(x_tau) with no gradient, so the student's response must be too: with x_tau attached, the surrogate also
+moves the *point* x_tau (through the rollout) by g . d(J_S v)/dx dx_tau/dtheta, a second-order term in the student's
+own curvature that moves where the Jacobian is measured rather than the Jacobian, while the targets' dependence on
+x_tau is ignored; moving the samples is the base loss's job. The weight gradient through S is the same either way;
+the x_tau term vanishes for a student linear in x (test_response_path_detaches_x_tau_and_what_that_changes).
 
 Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
 size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
@@ -52,9 +65,15 @@ takes x_tau and x_tau + h v in one batched forward per network, always in fp32 w
 bf16 on an H200); `--gad-fp32` also runs the JVP in fp32. README "Cost on a GPU" has the modelled prices.
 
 Deviations (each marked `# DEVIATION:` at its line):
-  - Gradient of GAD reaches theta through x_tau (Eq. 9). The released code instead matches the student's own
-    x0 response, taken between mismatched inputs (x_tau + delta at tau vs x_t at t), Huber-normalised.
-    --gad-path response takes that path with matched inputs and our surrogate (no Huber normalisation).
+  - Gradient of GAD reaches theta through x_tau (Eq. 9, default). The released code matches the student's own x0
+    response between mismatched inputs (x_tau + delta at tau vs x_{t_g} at t_g), Huber-normalised by W, with grad
+    through x_tau. --gad-path response is that block repaired: matched base, x_tau detached, 1/2 MSE (see above).
+  - t_mid: the student's point is re-noised from the next student timestep (674, 449, 224, 0), the point the
+    rollout visits; the released code uses t_g - 224 (675, 450, 225, 0).
+  - The lr schedule (default: the released run's 50 warm-up steps, then cosine with restarts, one cycle over --steps,
+    diffusers' get_scheduler) is applied to the student's lr; the fake's lr stays constant (the audit names the
+    student's schedule only). --ema-decay uses torch's AveragedModel (plain decay from the first update); if the
+    released --use_ema is diffusers' EMAModel, its decay is capped by (1 + n)/(10 + n) early on (not re-checked).
   - v ~ N(0, I) (paper). The released code uses a unit-norm direction: --gad-direction unit.
   - Responses by forward-mode JVP (bf16) or fp32 finite differences; the released code casts x_tau + delta to
     fp16 and differences it, which loses most of the move.
@@ -67,6 +86,7 @@ Deviations (each marked `# DEVIATION:` at its line):
 
 Commands:
   GPU:        python gad_tdm.py --steps 2000                              (PixArt-XL-2-512, bf16, batch 64)
+  constant lr, EMA of the student exported: --lr-schedule constant --lr-warmup 0 --ema-decay 0.999
   plain TDM:  python gad_tdm.py --gad-weight 0
   multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 64      (64 global, 8 per GPU)
   CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
@@ -113,6 +133,9 @@ class Args:
     betas: tuple[float, ...] = (0.0, 0.95)  # AdamW betas (TDM code)
     weight_decay: float = 1e-2  # AdamW weight decay (TDM code)
     grad_clip: float = 1.0  # gradient-norm clip of the student
+    lr_schedule: Literal["constant", "cosine_with_restarts"] = "cosine_with_restarts"  # student lr (released GAD/TDM run)
+    lr_warmup: int = 50  # linear warm-up steps of the student lr (released GAD/TDM run)
+    ema_decay: float = 0.0  # EMA of the student, exported when on (released --use_ema, off by default); 0 = off
     # run
     model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, 'tiny', or 'random' (real size)
     steps: int = 2000  # training iterations (Table 11)
@@ -235,6 +258,14 @@ def responses(f, x, v, h, mode):
     return base, h * jv
 
 
+def student_response(f_S, x_tau, v, h, mode, form):
+    """--gad-path response: the student's own x0 response S(x_tau + h v, tau) - S(x_tau, tau) [/ h for --gad-form jvp],
+    at sg(x_tau): its gradient reaches theta through S's weights only, never through x_tau (docstring, "x_tau is
+    detached"). The released block differs in its base (S at x_tau vs x0_hat at x_{t_g}) and does not detach."""
+    dS = responses(f_S, x_tau.detach(), v, h, mode)[1]
+    return dS / h if form == "jvp" else dS
+
+
 def gad_surrogate(x_tau, d_fake, d_real, h, form, mask):
     """Eq. 9 as a surrogate: its gradient w.r.t. x_tau is (Delta_fake - Delta_real)[/h] * mask / numel.
     Returns (surrogate, mismatch) where mismatch = mean ||Delta_fake - Delta_real||^2 (what GAD drives down)."""
@@ -310,10 +341,12 @@ def train(args: Args) -> dict:
     opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
     scaler = common.make_scaler(device, dtype)
-    models, optims = {"student": student, "fake": fake}, {"opt_g": opt_g, "opt_f": opt_f}
-    start = common.load_checkpoint(ckpt_path, models, optims, scaler)["step"] if ckpt_path else 0
+    scheds = common.lr_schedulers({"opt_g": opt_g}, args)  # the student's lr (released run); the fake's is constant
+    ema = common.make_ema(student, args.ema_decay)  # None when --ema-decay 0
+    models, optims = {"student": student, "fake": fake, **({"ema": ema} if ema else {})}, {"opt_g": opt_g, "opt_f": opt_f}
+    start = common.load_checkpoint(ckpt_path, models, optims, scaler, schedulers=scheds)["step"] if ckpt_path else 0
     if args.eval:
-        return evaluate(args, pipe, teacher, student, abar, prompts, device)
+        return evaluate(args, pipe, teacher, ema.module if ema else student, abar, prompts, device)
     student_ddp, fake_ddp = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     T = torch.tensor(list(args.timesteps) + [0], device=device)  # t_0 > ... > t_{K-1} > 0
     K = len(args.timesteps)
@@ -324,7 +357,7 @@ def train(args: Args) -> dict:
     def draw_step():
         """Pick a student step k per sample, its t_g, next ODE time t_mid and tau ~ U[max(20, t_mid), t_g - 10)."""
         k = torch.randint(0, K, (B,), device=device)
-        t_g, t_mid = T[k], T[k + 1]
+        t_g, t_mid = T[k], T[k + 1]  # DEVIATION: t_mid = the next student step (674, ..., 0); released: t_g - 224
         lo = t_mid.clamp(min=20)
         tau = lo + (torch.rand(B, device=device) * (t_g - 10 - lo)).long()
         return k, t_g, t_mid, tau
@@ -384,15 +417,14 @@ def train(args: Args) -> dict:
                 gad, mismatch = gad_surrogate(x_tau, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = loss_tdm + args.gad_weight * gad
         if use_gad and args.gad_path == "response":
-            # DEVIATION (released code's path): the same Eq. 9 vector drives the student's own response
-            # S(x_tau + h v, tau) - S(x_tau, tau) instead of x_tau. A second student forward, so the first
-            # backward accumulates without DDP's all-reduce.
+            # DEVIATION (the released block, repaired): the same Eq. 9 vector drives the student's own response
+            # S(x_tau + h v, tau) - S(x_tau, tau) at sg(x_tau) instead of x_tau. A second student forward, so the
+            # first backward accumulates without DDP's all-reduce.
             with student_ddp.no_sync() if dist.world_size > 1 else contextlib.nullcontext():
                 backward(loss_g)
             f_S = lambda x, n: predict(student_ddp, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
             with fp32():  # exact: back-propagating through the tangent (reverse over forward, common.jvp_pair)
-                dS = responses(f_S, xt, v, h, args.gad_jvp)[1]
-            dS = dS / (h if args.gad_form == "jvp" else 1.0)
+                dS = student_response(f_S, x_tau, v, h, args.gad_jvp, args.gad_form)  # at sg(x_tau)
             gad, mismatch = gad_surrogate(dS, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = args.gad_weight * gad
         common.check_finite(step, loss_fake=loss_fake, loss_tdm=loss_tdm, gad=gad)
@@ -403,6 +435,8 @@ def train(args: Args) -> dict:
         scaler.step(opt_g) if scaler else opt_g.step()
         if scaler:
             scaler.update()
+        common.lr_step(scheds)
+        ema.update_parameters(student) if ema else None
         return {"loss_fake": loss_fake.item(), "loss_tdm": loss_tdm.item(), "gad_mismatch": mismatch.item(),
                 "grad_norm": gnorm.item()}
 
@@ -433,7 +467,7 @@ def train(args: Args) -> dict:
             common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "samples.png"), nrow=4)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
         if dist.is_main and common.due(step, args.ckpt_every, last):
-            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler)
+            common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler, schedulers=scheds)
         common.barrier()
     log.close()
     if dist.is_main:
@@ -441,7 +475,7 @@ def train(args: Args) -> dict:
 
         # DEVIATION: the stock TCD last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat, not x0
         sched = TCDScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
-        common.export_pipeline(pipe, student, os.path.join(args.out, "pipeline"), scheduler=sched)
+        common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"), scheduler=sched)
     common.cleanup()
     return metrics
 

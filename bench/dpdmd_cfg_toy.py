@@ -109,7 +109,8 @@ def distill(T, sch, a, w, seed, iters, lr=1e-3, bs=256):
     draws uniform class labels; the real score uses CFG w against the null token."""
     torch.manual_seed(seed)
     stu, fake = copy.deepcopy(T).requires_grad_(True).train(), copy.deepcopy(T).requires_grad_(True).train()
-    opts = {n: torch.optim.AdamW(m.parameters(), lr, weight_decay=a.weight_decay) for n, m in (("s", stu), ("f", fake))}
+    wd = 0.01  # the recorded toy setup (README); dpdmd.Args().weight_decay is 0.0 since issue 11
+    opts = {n: torch.optim.AdamW(m.parameters(), lr, weight_decay=wd) for n, m in (("s", stu), ("f", fake))}
     for it in range(1, iters + 1):
         z, (cond, uncond) = torch.randn(bs, 2, 1, 1), conds(torch.randint(C, (bs,)))
         if it % (a.fake_updates_per_student + 1):

@@ -3,6 +3,7 @@ import dataclasses
 import math
 import os
 import time
+from types import SimpleNamespace
 from typing import Literal
 
 import pytest
@@ -32,40 +33,67 @@ def test_parse_types_bools_choices_tuples_and_help():
     assert "learning rate" in helptext and "how to take the JVP" in helptext and "student timesteps" in helptext
 
 
-def _toy_run(out, steps, resume=""):
-    """A miniature training loop in the shape the method files use: all randomness from the global RNG."""
+def _toy_run(out, steps, resume="", lr=1e-2):
+    """A miniature training loop in the shape the method files use: all randomness from the global RNG; a
+    non-constant lr schedule (warm-up, then cosine) and an EMA of the model, both checkpointed (issue 11)."""
     common.seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.0, 0.95))
-    start, losses = 0, []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.0, 0.95))
+    sched = common.lr_schedulers({"opt": opt}, SimpleNamespace(lr_schedule="cosine_with_restarts", lr_warmup=2, steps=9))
+    ema = common.make_ema(model, 0.8)
+    start, losses, lrs = 0, [], []
     path = common.resolve_resume(resume, out)
     if path:
-        start = common.load_checkpoint(path, {"m": model}, {"opt": opt})["step"]
+        start = common.load_checkpoint(path, {"m": model, "ema": ema}, {"opt": opt}, schedulers=sched)["step"]
     for step in range(start + 1, steps + 1):
         x = torch.randn(16, 3)
         loss = (model(x) - x.sum(1, keepdim=True).sin()).pow(2).mean()
         opt.zero_grad()
         loss.backward()
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
+        ema.update_parameters(model)
+        common.lr_step(sched)
         losses.append(loss.item())
         if step % 3 == 0:
-            common.save_checkpoint(os.path.join(out, "ckpt.pt"), {"m": model}, {"opt": opt}, step, _Args())
-    return model, losses
+            common.save_checkpoint(os.path.join(out, "ckpt.pt"), {"m": model, "ema": ema}, {"opt": opt}, step, _Args(),
+                                   schedulers=sched)
+    return model, losses, lrs, ema
 
 
 def test_checkpoint_atomic_and_resume_is_exact(tmp_path):
-    full, full_losses = _toy_run(str(tmp_path / "a"), 9)
+    full, full_losses, full_lrs, full_ema = _toy_run(str(tmp_path / "a"), 9)
+    assert full_lrs[:3] == [0.0, 5e-3, 1e-2] and full_lrs[3] < 1e-2  # warm-up over 2 steps, then the cosine decays
     _toy_run(str(tmp_path / "b"), 6)  # stopped after step 6 (checkpoint at 6)
     assert os.path.exists(tmp_path / "b" / "ckpt.pt") and not os.path.exists(tmp_path / "b" / "ckpt.pt.tmp")
-    resumed, resumed_losses = _toy_run(str(tmp_path / "b"), 9, resume="latest")
-    assert resumed_losses == full_losses[6:]
-    for p, q in zip(full.parameters(), resumed.parameters()):
+    resumed, resumed_losses, resumed_lrs, resumed_ema = _toy_run(str(tmp_path / "b"), 9, resume="latest")
+    assert resumed_losses == full_losses[6:] and resumed_lrs == full_lrs[6:]  # bit-exact, schedule included
+    for p, q in zip(list(full.parameters()) + list(full_ema.parameters()),
+                    list(resumed.parameters()) + list(resumed_ema.parameters())):
         assert torch.equal(p, q)
+    # an explicitly typed --lr on resume becomes the schedule's base: lr = new base x the same multiplier
+    _toy_run(str(tmp_path / "c"), 6)
+    _, _, lrs_new, _ = _toy_run(str(tmp_path / "c"), 9, resume="latest", lr=2e-2)
+    assert lrs_new == pytest.approx([2 * v for v in full_lrs[6:]], rel=1e-12)
     assert common.resolve_resume("auto", str(tmp_path / "empty")) is None  # 'auto': resume if present
     with pytest.raises(common.UsageError, match="no checkpoint at"):  # 'latest' with none is an error (issue 12)
         common.resolve_resume("latest", str(tmp_path / "empty"))
     with pytest.raises(common.UsageError, match="nope.pt"):
         common.resolve_resume(str(tmp_path / "nope.pt"), str(tmp_path))
+
+
+def test_ema_on_a_known_sequence_of_weights():
+    """--ema-decay d: the first update copies theta, then ema <- d ema + (1 - d) theta; decay 0 = no EMA."""
+    w = torch.nn.Parameter(torch.zeros(2))
+    net = torch.nn.Module()
+    net.w = w
+    ema = common.make_ema(net, 0.9)
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            w.fill_(value)
+        ema.update_parameters(net)
+    assert torch.allclose(ema.module.w, torch.full((2,), 0.9 * (0.9 * 1.0 + 0.1 * 2.0) + 0.1 * 4.0))  # 1.39
+    assert common.make_ema(net, 0.0) is None
 
 
 def test_logger_forgets_rows_after_resumed_step_and_plots(tmp_path):

@@ -216,7 +216,8 @@ def test_gad_tdm_periods_zero_resume_applies_lr_and_adopts_the_checkpoints_flags
     assert code == 0, text[-2000:]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["args"]["model"] == "tiny" and ckpt["args"]["batch_size"] == 2
-    assert [g["lr"] for g in ckpt["optimizers"]["opt_g"]["param_groups"]] == [1e-3]  # applied, not only recorded
+    groups = ckpt["optimizers"]["opt_g"]["param_groups"]  # applied, not only recorded: the lr schedule's base (issue 11)
+    assert [g["initial_lr"] for g in groups] == [1e-3] and groups[0]["lr"] == pytest.approx(1e-3 * 2 / 50)  # warm-up
     assert ckpt["optimizers"]["opt_f"]["param_groups"][0]["lr"] == gad_tdm.Args.lr_fake
     rows = common.Logger.read(os.path.join(out, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 1, 2]

@@ -99,6 +99,20 @@ def test_dmd_grad_values_and_gradient_on_x():
     assert dpdmd.dmd_grad(x, r, r).abs().max() == 0  # real == fake: nothing to match
 
 
+def test_dmd_normaliser_of_the_authors_code_and_weight_decay_default():
+    """--dmd-norm x_t divides by mean|x_t - x0_real| per sample (the authors' code), the default by mean|x - x0_real|
+    (Eq. 5, DMD2); weight decay defaults to the authors' 0.0."""
+    g0 = torch.Generator().manual_seed(4)
+    x, x_t, r, f = (torch.randn(2, 3, 4, 4, generator=g0) for _ in range(4))
+    ours, theirs = dpdmd.dmd_grad(x, r, f), dpdmd.dmd_grad(x, r, f, x_t)
+    for i in range(2):
+        torch.testing.assert_close(theirs[i], (f[i] - r[i]) / (x_t[i] - r[i]).abs().mean())
+        torch.testing.assert_close(ours[i], (f[i] - r[i]) / (x[i] - r[i]).abs().mean())
+    assert not torch.allclose(ours, theirs)
+    a = dpdmd.Args()
+    assert (a.weight_decay, a.dmd_norm, a.lr_schedule, a.lr_warmup, a.ema_decay) == (0.0, "x_hat", "constant", 500, 0.0)
+
+
 def test_anchor_velocity_and_div_loss_values():
     z, zk = torch.full((1, 2), 3.0), torch.full((1, 2), 1.0)
     assert torch.equal(dpdmd.anchor_velocity(z, zk, 0.75), torch.full((1, 2), 8.0))
@@ -205,7 +219,9 @@ def _same(sd1, sd2):
 
 
 def test_resume_is_exact_and_updates_alternate(pipes, tmp_path):
-    pipe, quiet = pipes["sd3"], dict(eval=False, sample_every=0, export=False)
+    # a cosine lr (full lr at step 1, half at step 2): the default 500-step warm-up would give step 1 lr 0
+    pipe = pipes["sd3"]
+    quiet = dict(eval=False, sample_every=0, export=False, lr_schedule="cosine_with_restarts", lr_warmup=0)
     full = dpdmd.train(_args(tmp_path / "a", "sd3", **quiet), pipe=pipe)
     dpdmd.train(_args(tmp_path / "b", "sd3", steps=1, **quiet), pipe=pipe)
     s1 = {n: _weights(tmp_path / "b/ckpt.pt", n) for n in ("student", "fake")}

@@ -103,6 +103,68 @@ def test_eq9_through_x_tau_averages_out_over_v_but_the_response_path_does_not():
     assert ((W.grad - (Bm - A) / d).norm() / ((Bm - A) / d).norm()).item() < 0.05
 
 
+def _linear_student(d, seed):
+    """S(x, t) = W x + t c: a student linear in x whose prediction depends on the noise level through c."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(d, d, generator=g) / d**0.5).requires_grad_(True)
+    c = torch.randn(d, generator=g).requires_grad_(True)
+    return (lambda x, t: x @ W.T + t * c), [W, c], g
+
+
+def test_response_path_mean_gradient_over_directions_is_first_order_but_the_released_blocks_is_about_zero():
+    """Issue 11: the released block ds = (S(x_tau + h v, tau) - x0_hat(x_{t_g}, t_g)) / h has its base at another input
+    and noise level, so its per-draw gradient is the O(1)/h gap and its mean over directions v is about zero. The
+    response path (matched base, x_tau detached, 1/2 MSE surrogate) has a clearly non-zero mean: a push on J_S."""
+    d, h, n, tau, t_g = 6, 1e-2, 300, 0.6, 0.9
+    S, params, g = _linear_student(d, 11)
+    A, Bm = torch.randn(d, d, generator=g), torch.randn(d, d, generator=g)  # teacher and fake x0 Jacobians
+    x_tg, noise = torch.randn(1, d, generator=g), torch.randn(1, d, generator=g)
+    f = lambda y, n: S(y, tau)
+    grads = {"response": [], "released": [], "gap": []}
+    for v in torch.randn(n, 1, d, generator=g):
+        d_T, d_F = h * v @ A.T, h * v @ Bm.T
+        x0_hat = S(x_tg, t_g)
+        x_tau = 0.8 * x0_hat + 0.6 * noise  # carries grad, as the re-noised student point does
+        dS = {"response": M.student_response(f, x_tau, v, h, "fd", "jvp"),
+              "released": (S(x_tau + h * v, tau) - x0_hat) / h,
+              "gap": (S(x_tau, tau) - x0_hat) / h}  # the released block without its response
+        for k, resp in dS.items():
+            sur = M.gad_surrogate(resp, d_F, d_T, h, "jvp", torch.ones(1))[0]
+            grads[k].append(torch.cat([p.flatten() for p in torch.autograd.grad(sur, params, retain_graph=True)]))
+    ratio = {k: (torch.stack(v).mean(0).norm() / torch.stack(v).norm(dim=1).mean()).item() for k, v in grads.items()}
+    assert ratio["response"] > 0.25 and ratio["released"] < 0.12, ratio  # 0.42 and 0.06 (noise floor 300^-1/2)
+    cos = torch.nn.functional.cosine_similarity(torch.stack(grads["released"]), torch.stack(grads["gap"]), dim=1)
+    assert cos.min() > 0.99  # the released gradient is the gap's, draw by draw
+
+
+def test_response_path_detaches_x_tau_and_what_that_changes():
+    """The response path takes S's response at sg(x_tau): the surrogate's weight gradient is the same as with x_tau
+    attached, and nothing reaches x_tau. Attached (the released s_pert), x_tau would also get
+    g . d(J_S v)/dx / numel, a second-order term in the student's curvature: for S = W tanh(x) it is
+    (W^T g) * v * (-2 tanh(x) sech^2(x)) / numel, and for a student linear in x it is zero."""
+    torch.manual_seed(3)
+    d, h = 5, 1e-3  # responses() works in fp32
+    W = torch.randn(d, d, requires_grad=True)
+    x = torch.randn(2, d, requires_grad=True)
+    v, d_T, d_F = (torch.randn(2, d) for _ in range(3))
+    g = (d_F - d_T) / h
+    for S, second in ((lambda y, n: torch.tanh(y) @ W.T, True), (lambda y, n: y @ W.T, False)):
+        W.grad = x.grad = None
+        M.gad_surrogate(M.student_response(S, x, v, h, "fd", "jvp"), d_F, d_T, h, "jvp", torch.ones(1))[0].backward()
+        gW_detached = W.grad.clone()
+        assert x.grad is None  # our choice: no gradient through x_tau
+        W.grad = None
+        M.gad_surrogate(M.responses(S, x, v, h, "fd")[1] / h, d_F, d_T, h, "jvp", torch.ones(1))[0].backward()
+        assert torch.allclose(W.grad, gW_detached, rtol=1e-5, atol=1e-7)  # the Jacobian push is unchanged
+        sech2 = 1 - torch.tanh(x.detach()) ** 2
+        expected = (g @ W.detach()) * v * (-2 * torch.tanh(x.detach()) * sech2) / g.numel()
+        if second:
+            assert torch.allclose(x.grad, expected, rtol=2e-2, atol=1e-3 * expected.abs().max())
+            assert x.grad.abs().max() > 1e-2
+        else:
+            assert x.grad.abs().max() < 1e-5 * gW_detached.abs().max()
+
+
 def _f(net, cond, abar, tau, cfg=None, uncond=None):
     if cfg is None:
         return lambda x, n: M.predict(net, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
@@ -217,14 +279,23 @@ def test_bf16_step_runs_and_every_response_mode_runs(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
+    """Exact resume with the default lr schedule (warm-up: a different lr every step) and an EMA, which is exported."""
+    from safetensors.torch import load_file
+
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    full = M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=4, out=a))
-    M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=2, out=b))
-    resumed = M.train(M.Args(**{**TINY, "ckpt_every": 2}, steps=4, out=b, resume="latest"))
+    kw = {**TINY, "ckpt_every": 2, "ema_decay": 0.5}
+    full = M.train(M.Args(**kw, steps=4, out=a))
+    M.train(M.Args(**kw, steps=2, out=b))
+    resumed = M.train(M.Args(**kw, steps=4, out=b, resume="latest"))
     assert resumed == full
-    sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)["models"]["student"]
-    sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=False)["models"]["student"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ca, cb = (torch.load(os.path.join(o, "ckpt.pt"), weights_only=True) for o in (a, b))
+    for k in ("student", "ema"):
+        assert all(torch.equal(ca["models"][k][n], cb["models"][k][n]) for n in ca["models"][k]), k
+    assert ca["schedulers"] == cb["schedulers"] and ca["schedulers"]["opt_g"]["last_epoch"] == 4
+    exported = load_file(os.path.join(b, "pipeline", "transformer", "diffusion_pytorch_model.safetensors"))
+    ema, student = cb["models"]["ema"], cb["models"]["student"]
+    assert all(torch.equal(exported[n], ema["module." + n]) for n in exported)  # the export is the EMA
+    assert any(not torch.equal(exported[n], student[n]) for n in exported)
     rows = common.Logger.read(os.path.join(b, "metrics.jsonl"))
     assert [r["step"] for r in rows if "resume_changed" not in r] == [1, 2, 3, 4]
     assert rows[2] == {"step": 2, "resume_changed": {"steps": [2, 4]}}  # the safe change, logged (issue 12)
