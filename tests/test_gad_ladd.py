@@ -78,12 +78,48 @@ def test_gad_loss_values_forms_and_gradient():
 
 
 def test_gan_losses_values():
-    r, f = [torch.tensor([2.0, -1.0])], [torch.tensor([0.5, -3.0])]
+    r, f = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, -3.0]])
     sp = torch.nn.functional.softplus
-    assert G.disc_loss(r, f, "bce").item() == pytest.approx((sp(-r[0]).mean() + sp(f[0]).mean()).item())
+    assert G.disc_loss(r, f, "bce").item() == pytest.approx((sp(-r).mean() + sp(f).mean()).item())
     assert G.disc_loss(r, f, "hinge").item() == pytest.approx((0 + 2) / 2 + (1.5 + 0) / 2)
-    assert G.gen_loss(f, "bce").item() == pytest.approx(sp(-f[0]).mean().item())
+    assert G.gen_loss(f, "bce").item() == pytest.approx(sp(-f).mean().item())
     assert G.gen_loss(f, "hinge").item() == pytest.approx(1.25)
+
+
+def test_one_mean_over_the_heads_concatenated_maps():
+    """Issue 11 item 7: Nitro-1 takes ONE BCE mean over the three heads' concatenated maps: zero logits give log 2
+    (per-head means summed gave 3 log 2) and each head weighs by its map size. Heads' maps of 4, 2 and 1 positions."""
+    maps = [torch.zeros(2, 1, 2, 2), torch.full((2, 1, 1, 2), 4.0), torch.full((2, 1, 1, 1), -2.0)]
+    logits = torch.cat([m.flatten(1) for m in maps], 1)  # what DHeads.forward returns
+    l2, sp = torch.tensor(2.0).log().item(), lambda x: torch.nn.functional.softplus(torch.tensor(x)).item()
+    assert G.gen_loss(torch.zeros_like(logits), "bce").item() == pytest.approx(l2)
+    assert G.disc_loss(torch.zeros_like(logits), torch.zeros_like(logits), "bce").item() == pytest.approx(2 * l2)
+    assert G.gen_loss(logits, "bce").item() == pytest.approx((4 * l2 + 2 * sp(-4.0) + sp(2.0)) / 7)  # size-weighted
+    assert G.gen_loss(logits, "hinge").item() == pytest.approx((0 - 2 * 4.0 + 2.0) / 7)
+
+
+def test_heads_are_nitro1s_on_the_real_sd21_widths():
+    """Issue 11 item 8: on the real SD2.1 UNet (meta device, no weights) the backbone gives 320/640/1280 channels at
+    32/16/8, and Nitro-1's heads (GN 32, Conv C -> C/4 4x4 s2 p2, SiLU, Conv 1x1) give 17/9/5 maps, 8.6M parameters
+    (the old C -> C heads with a projection term: 39.6M and 16/8/4)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    with open(os.path.join(os.path.dirname(G.__file__), "configs", "sd21", "unet.json")) as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+        feats = G.backbone_features(unet, torch.empty(2, 4, 64, 64), torch.zeros(2, dtype=torch.long),
+                                    {"encoder_hidden_states": torch.empty(2, 77, 1024)})
+        heads = G.DHeads(G.feature_channels(unet))
+        logits = heads(feats)
+    assert [tuple(f.shape[1:]) for f in feats] == [(320, 32, 32), (640, 16, 16), (1280, 8, 8)]
+    assert tuple(logits.shape) == (2, 17 * 17 + 9 * 9 + 5 * 5)
+    per_head = lambda c: 2 * c + (16 * c * (c // 4) + c // 4) + (c // 4 + 1)  # GN affine, 4x4 conv, 1x1 conv
+    n = sum(p.numel() for p in heads.parameters())
+    assert n == sum(per_head(c) for c in (320, 640, 1280)) == 8_607_203
+    assert [m.num_groups for m in heads.modules() if isinstance(m, torch.nn.GroupNorm)] == [32, 32, 32]
 
 
 # ---------------------------------------------------------------- precision and the GAD property
@@ -113,7 +149,7 @@ def test_gad_term_zero_when_student_is_teacher_map(pipe, mode):
     b["x0_T"] = torch.randn_like(dT)
     b["x0_T_prime"] = b["x0_T"] + dT.detach()
     args = G.Args(**{**TINY, "h": 1e-4, "gad_jvp": mode})
-    heads = G.DHeads(pipe.unet)
+    heads = G.DHeads(G.feature_channels(pipe.unet))
     _, _, logs = G.g_step(pipe.unet, heads, pipe.unet, b, args, common.autocast(torch.device("cpu"), torch.float32),
                           ab, "epsilon")
     assert logs["gad"] == pytest.approx(0.0, abs=1e-6)
@@ -140,7 +176,7 @@ def test_teacher_sampler_matches_stock_pipeline(pipe):
 
 def test_discriminator_gradient_routing(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet)), G.Args(**TINY)
     loss_d, _ = G.d_step(heads, pipe.unet, G.student_x0(S, b["z"], b["cond"], ab, "epsilon").detach(), b, args, ctx, ab)
     loss_d.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
@@ -155,17 +191,15 @@ def test_discriminator_gradient_routing(pipe):
 
 def test_generator_step_does_not_update_D_and_vice_versa(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet)), G.Args(**TINY)
     opt_g, opt_d = torch.optim.AdamW(S.parameters(), 1e-3), torch.optim.AdamW(heads.parameters(), 1e-3)
     snap = lambda m: [p.detach().clone() for p in m.parameters()]
     same = lambda a, m: all(torch.equal(x, y) for x, y in zip(a, m.parameters()))
     s0, h0 = snap(S), snap(heads)
-    loss_g, x0_hat, _ = G.g_step(S, heads, pipe.unet, b, args, ctx, ab, "epsilon")
-    G.optimize(loss_g, S.parameters(), opt_g, None, 1.0)
+    rows, used = G.g_update(S, heads, pipe.unet, opt_g, None, lambda: b, args, ctx, ab, "epsilon")
     assert same(h0, heads) and not same(s0, S)
     s1 = snap(S)
-    loss_d, _ = G.d_step(heads, pipe.unet, x0_hat, b, args, ctx, ab)
-    G.optimize(loss_d, heads.parameters(), opt_d, None, 1.0)
+    G.d_update(S, heads, pipe.unet, opt_d, None, lambda: b, used, rows, args, ctx, ab, "epsilon")
     assert same(s1, S) and not same(h0, heads)
 
 
@@ -243,7 +277,7 @@ def test_smoke_base_ladd_hinge_with_eval(tmp_path, data, no_plots):
 def test_both_gad_forms_in_the_generator_step(pipe):
     """--gad-form paper is the printed Eq. 8: on the same batch it is exactly h^2 times the jvp form."""
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads = copy.deepcopy(pipe.unet), G.DHeads(pipe.unet)
+    S, heads = copy.deepcopy(pipe.unet), G.DHeads(G.feature_channels(pipe.unet))
     gad = {f: G.g_step(S, heads, pipe.unet, b, G.Args(**TINY, gad_form=f), ctx, ab, "epsilon")[2]["gad"]
            for f in ("jvp", "paper")}
     assert gad["jvp"] > 1.0 and gad["paper"] == pytest.approx(1e-8 * gad["jvp"], rel=1e-4)
