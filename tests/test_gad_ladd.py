@@ -203,6 +203,81 @@ def test_generator_step_does_not_update_D_and_vice_versa(pipe):
     assert same(s1, S) and not same(h0, heads)
 
 
+# ---------------------------------------------------------------- the D step and the iteration as Nitro-1
+
+
+def test_d_step_counts_misaligned_pairs_as_fakes_and_draws_t_D_per_row(pipe, monkeypatch):
+    """Issue 11 item 9: fakes = student rows + real latent i-1 with prompt i; real and fake t_D drawn independently
+    (before: one t shared by real and fake rows, no misaligned rows). Noise-free re-noising and a stub backbone/head
+    that return per-row logits, so the loss can be computed by hand."""
+    b, ab, B = _batch(pipe, B=3), _ab(pipe), 3
+    seen = {}
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # x_t = sqrt(a_t) x0
+    monkeypatch.setattr(G, "backbone_features", lambda unet, x_t, t, cond: seen.update(x_t=x_t, t=t, cond=cond) or [x_t])
+    heads = lambda feats: torch.linspace(-2, 2, feats[0].shape[0])[:, None].repeat(1, 5)  # noqa: E731  row-wise logits
+    x_fake, ctx = b["z"], common.autocast(torch.device("cpu"), torch.float32)  # any latents stand for the student's
+    sp = torch.nn.functional.softplus
+    for misaligned, k in ((True, 3), (False, 2)):
+        args = G.Args(**{**TINY, "misaligned_d": misaligned})
+        loss, logs = G.d_step(heads, None, x_fake, b, args, ctx, ab)
+        v = torch.linspace(-2, 2, k * B)
+        assert loss.item() == pytest.approx((sp(v[:-B]).mean() + sp(-v[-B:]).mean()).item(), rel=1e-6)
+        assert logs["d_fake"] == pytest.approx(v[:B].mean().item(), abs=1e-6)
+        t, x0 = seen["t"], seen["x_t"] / ab[seen["t"]].sqrt().view(-1, 1, 1, 1)
+        torch.testing.assert_close(x0[:B], x_fake)
+        torch.testing.assert_close(x0[-B:], b["x0_T"])  # reals
+        torch.testing.assert_close(seen["cond"]["encoder_hidden_states"], b["cond"]["encoder_hidden_states"].repeat(k, 1, 1))
+        assert not torch.equal(t[:B], t[-B:]) and t.shape == (k * B,)  # independent t_D for fake and real rows
+        if misaligned:  # row i: latent i-1 with prompt i (the cond rows checked above)
+            torch.testing.assert_close(x0[B:2 * B], b["x0_T"][[2, 0, 1]])
+
+
+@pytest.mark.parametrize("d_batch", ["next", "same"])
+def test_d_update_uses_the_next_batch_and_the_updated_students_fakes(pipe, monkeypatch, d_batch):
+    """Issue 11 item 9 (Nitro-1): the D step draws its own batch and its fakes come from the student AFTER the G
+    update; --d-batch same reuses the G step's batch and (pre-update) fakes."""
+    ab, ctx = _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
+    S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet))
+    args = G.Args(**TINY, gad_weight=0.0, d_batch=d_batch)
+    batches, seen, real_d_step = iter([_batch(pipe, seed=1), _batch(pipe, seed=2)]), [], G.d_step
+    monkeypatch.setattr(G, "d_step", lambda h, u, x0_fake, batch, *a: seen.append((x0_fake, batch)) or real_d_step(
+        h, u, x0_fake, batch, *a))
+    before = copy.deepcopy(S)
+    opt_g, opt_d = torch.optim.AdamW(S.parameters(), 1e-3), torch.optim.AdamW(heads.parameters(), 1e-3)
+    G.train_step(S, heads, pipe.unet, opt_g, opt_d, None, lambda: next(batches), args, ctx, ab, "epsilon")
+    (x0_fake, batch), = seen
+    with torch.no_grad():
+        after_fake, before_fake = (G.student_x0(m, batch["z"], batch["cond"], ab, "epsilon") for m in (S, before))
+    assert not torch.allclose(after_fake, before_fake, atol=1e-6)  # the G update moved the student
+    if d_batch == "next":
+        assert torch.equal(batch["z"], _batch(pipe, seed=2)["z"])
+        torch.testing.assert_close(x0_fake, after_fake, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(batch["z"], _batch(pipe, seed=1)["z"]) and next(batches, None) is not None  # one draw
+        torch.testing.assert_close(x0_fake, before_fake, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_gradients_equal_the_double_batch(pipe, monkeypatch):
+    """--grad-accum 2 on micro-batches of 1 gives the G and D gradients of one batch of 2 (lr 0: weights fixed, so
+    the refreshed fakes agree; t_D = 0 and zero noise, so the draws agree). A missing 1/N doubles them."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    ab, ctx = _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
+    big = [_batch(pipe, seed=1), _batch(pipe, seed=2)]  # G batch, then D batch
+    micro = [{**{k: v[i:i + 1] for k, v in bb.items() if k != "cond"}, "cond": common.select(bb["cond"], slice(i, i + 1))}
+             for bb in big for i in range(2)]
+    heads0, grads = G.DHeads(G.feature_channels(pipe.unet)), []
+    for n, draws in ((1, big), (2, micro)):
+        S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), copy.deepcopy(heads0)
+        args = G.Args(**{**TINY, "batch_size": 2 // n}, grad_accum=n, t_d_max=0, misaligned_d=False, clip=1e9)
+        opt_g, opt_d = torch.optim.SGD(S.parameters(), lr=0.0), torch.optim.SGD(heads.parameters(), lr=0.0)
+        it = iter(draws)
+        row = G.train_step(S, heads, pipe.unet, opt_g, opt_d, None, it.__next__, args, ctx, ab, "epsilon")
+        assert row["gad"] > 0 and next(it, None) is None  # GAD term on; every micro-batch drawn once
+        grads.append([torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (S, heads)])
+    for g1, g2 in zip(*grads):  # G, then D
+        assert g1.norm() > 0 and (g2 - g1).norm() / g1.norm() < 1e-4
+
+
 # ---------------------------------------------------------------- data stage
 
 
@@ -287,3 +362,7 @@ def test_grad_ckpt_with_the_exact_jvp_is_refused_before_loading(tmp_path):
     """Checkpoint recomputation runs outside forward-mode AD and would drop the student's tangent."""
     with pytest.raises(common.UsageError, match="--gad-jvp fd"):
         G.train(G.Args(**{**TINY, "out": str(tmp_path / "r")}, grad_ckpt=True))
+    with pytest.raises(common.UsageError, match="--misaligned-d"):  # a latent needs another row's prompt
+        G.train(G.Args(**{**TINY, "out": str(tmp_path / "r"), "batch_size": 1}))
+    with pytest.raises(common.UsageError, match="--grad-accum"):
+        G.train(G.Args(**{**TINY, "out": str(tmp_path / "r")}, grad_accum=0))
