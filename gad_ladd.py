@@ -17,15 +17,12 @@ Equation map
 authors' released code does, so it produced the paper's numbers. `paper` is Eq. 6/8 as printed (differences not
 divided by h, 1/h^2 absorbed into lambda); its signal scales with h^2 (1e-8 at h = 1e-4) and is nearly inert at lambda 1.
 
-Discriminator and D step as Nitro-1 runs them (AMD-Diffusion-Distillation: core/network/unet_D.py, train.py and
-scripts/run_train.sh, which sets --multiscale_D --misaligned_pairs_D): heads GroupNorm(32) -> Conv(C -> C/4, 4x4,
-stride 2, padding 2) -> SiLU -> Conv 1x1 on the first two down blocks and the mid block of the frozen teacher encoder
-(8.6M parameters, 17/9/5 maps at 512 px); text and t reach D only through that backbone. The heads' maps are
-concatenated and each BCE is ONE mean over all positions (zero logits: log 2; heads weigh by map size, 0.73/0.21/0.06).
-D's fakes are the student's samples plus real latents paired with the previous row's prompt (--misaligned-d); every
-row draws its own t_D, so real and fake t_D are independent. Each iteration is a G update, then a D update on the NEXT
-batch with fakes recomputed by the updated student: one extra no-grad student forward per iteration (--d-batch same
-reuses the G step's batch and fakes and saves it). Both updates accumulate --grad-accum micro-batches (Nitro-1: 8 x 6).
+Discriminator as Nitro-1 runs it (AMD-Diffusion-Distillation: core/network/unet_D.py, train.py; its run_train.sh sets
+--multiscale_D --misaligned_pairs_D): DHeads on the first two down blocks and the mid block of the frozen encoder; text
+and t reach D only through that backbone. One BCE mean over the heads' concatenated maps (zero logits: log 2). D's
+fakes: the student's samples plus real latents paired with the previous row's prompt; every row draws its own t_D.
+Each iteration is a G update, then a D update on the NEXT batch with fakes from the updated student (one more no-grad
+student forward; --d-batch same saves it). Both accumulate --grad-accum micro-batches (Nitro-1: 8 x 6 per GPU).
 
 Deviations (each also marked `# DEVIATION:` at its line)
   1. The student's response is h J v by forward-mode AD (--gad-jvp exact, default; common.jvp_pair, back-propagated
@@ -85,8 +82,7 @@ class Args:
     recon_weight: float = 1.0  # SmoothL1(x0_hat, teacher latent) weight (Nitro-1)
     t_d_max: int = 749  # discriminator re-noising t_D ~ U{0..t_d_max}, drawn per row (Nitro-1)
     misaligned_d: bool = True  # D fakes also hold real latents paired with another row's prompt (Nitro-1 run script)
-    d_batch: Literal["next", "same"] = "next"  # D step on the next batch, fakes by the updated student (Nitro-1); same:
-    # the G step's batch and fakes (saves one no-grad student forward per D micro-batch)
+    d_batch: Literal["next", "same"] = "next"  # D: next batch, fakes by the updated student (Nitro-1); same: G's
     teacher_steps: int = 50  # teacher DDIM steps for the stored endpoints (Nitro-1)
     cfg: float = 3.0  # teacher classifier-free guidance scale (Nitro-1)
     clip: float = 1.0  # gradient-norm clipping (G and D)
@@ -234,21 +230,16 @@ def backbone_features(unet, x_t, t, cond):
     return feats + [unet.mid_block(hs, emb, encoder_hidden_states=ehs)]
 
 
-def feature_channels(unet) -> list:
-    ch = unet.config.block_out_channels
-    return [ch[0], ch[1], ch[-1]]  # SD2.1: 320, 640, 1280
-
-
 class DHeads(torch.nn.Module):
     """Nitro-1's heads (core/network/unet_D.py), one per feature map: GroupNorm(32) -> Conv(C -> C/4, 4x4, stride 2,
     padding 2) -> SiLU -> Conv 1x1 (C/4 -> 1). Text and t reach them only through the frozen backbone. Output: the
     maps flattened and concatenated, (B, positions): 17^2 + 9^2 + 5^2 = 395 for SD2.1 at 512 px (8.6M parameters)."""
 
-    def __init__(self, chans: list):
+    def __init__(self, ch: list):  # the UNet's block_out_channels; features: ch[0], ch[1], ch[-1] (320, 640, 1280)
         super().__init__()
         self.heads = torch.nn.ModuleList(torch.nn.Sequential(  # gcd: fewer groups only for tiny widths
             torch.nn.GroupNorm(math.gcd(32, c), c), torch.nn.Conv2d(c, c // 4, 4, 2, 2), torch.nn.SiLU(),
-            torch.nn.Conv2d(c // 4, 1, 1)) for c in chans)
+            torch.nn.Conv2d(c // 4, 1, 1)) for c in (ch[0], ch[1], ch[-1]))
 
     def forward(self, feats):
         return torch.cat([head(f).flatten(1) for f, head in zip(feats, self.heads)], 1)
@@ -274,18 +265,9 @@ def make_data(pipe, args, dist, prompts) -> str:
     d, unet = data_dir(args), pipe.unet
     meta = {k: getattr(args, k) for k in ("model", "n_data", "shard_size", "h", "cfg", "teacher_steps", "seed")}
     meta.update(prediction_type=pipe.scheduler.config.prediction_type, prompts=prompts)
-    mpath = os.path.join(d, "meta.json")
     if dist.is_main:
         os.makedirs(d, exist_ok=True)
-        if os.path.exists(mpath):
-            with open(mpath) as f:
-                old = json.load(f)
-            if old != meta:
-                bad = sorted(k for k in meta if old.get(k) != meta[k])
-                raise ValueError(f"{d} holds data made with other settings ({bad}); pass another --data-dir")
-        else:
-            with open(mpath, "w") as f:
-                json.dump(meta, f)
+        common.data_meta(d, meta, write=True)  # refuses a directory made with other settings
     common.barrier()
     n_shards = math.ceil(args.n_data / args.shard_size)
     missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
@@ -326,12 +308,8 @@ def load_data(args, device) -> dict:
     missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
     if missing:
         raise FileNotFoundError(f"{d}: {len(missing)} of {n_shards} shards missing; run --stage data")
-    with open(os.path.join(d, "meta.json")) as f:
-        meta = json.load(f)
     keys = ("model", "n_data", "shard_size", "h", "cfg", "seed")  # not teacher_steps: --eval may use fewer for its map
-    bad = sorted(k for k in keys if meta.get(k) != getattr(args, k))
-    if bad:
-        raise ValueError(f"{d} holds data made with other settings ({bad}); pass another --data-dir or remake it")
+    common.data_meta(d, {k: getattr(args, k) for k in keys})
     return [torch.load(shard_path(d, s), map_location="cpu", mmap=True) for s in range(n_shards)]  # lazy, memory-mapped
 
 
@@ -383,13 +361,8 @@ def d_step(heads, unet, x0_fake, batch, args, ctx, alphas_bar):
                                                   "d_fake": fake[:B].float().mean().item()}  # the student's rows
 
 
-def sync(model, last: bool):
-    """--grad-accum under DDP: gradients are all-reduced on the last micro-batch only."""
+def sync(model, last: bool):  # --grad-accum under DDP: gradients are all-reduced on the last micro-batch only
     return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-
-
-def backward(loss, scaler):
-    (scaler.scale(loss) if scaler else loss).backward()
 
 
 def opt_step(model, opt, scaler, clip):
@@ -408,7 +381,7 @@ def g_update(S, heads, unet, opt, scaler, draw, args, ctx, ab, pt):
         batch = draw()
         with sync(S, i == n - 1):
             loss, x0_hat, logs = g_step(S, heads, unet, batch, args, ctx, ab, pt)
-            backward(loss / n, scaler)
+            (scaler.scale(loss / n) if scaler else loss / n).backward()
         rows.append({"loss_g": loss.item(), **logs}), used.append((batch, x0_hat))
     opt_step(S, opt, scaler, args.clip)
     return rows, used
@@ -428,7 +401,7 @@ def d_update(S, heads, unet, opt, scaler, draw, used, rows, args, ctx, ab, pt):
             batch, x0_fake = used[i]
         with sync(heads, i == n - 1):
             loss, logs = d_step(heads, unet, x0_fake, batch, args, ctx, ab)
-            backward(loss / n, scaler)
+            (scaler.scale(loss / n) if scaler else loss / n).backward()
         rows[i].update(loss_d=loss.item(), **logs)
     opt_step(heads, opt, scaler, args.clip)
 
@@ -510,30 +483,18 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
     batch = {k: torch.randn(B, C, side, side, device=device) for k in ("z", "v", "x0_T", "x0_T_prime")}
     batch["cond"] = {"encoder_hidden_states": torch.randn(B, 77, unet.config.cross_attention_dim, device=device)}
     nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    state = nbytes(unet) + 4 * (nbytes(S) + nbytes(heads))
-    # a storage's address from the tensor (storage().data_ptr() raises for some views saved under forward-mode AD)
-    address = lambda t: t.data_ptr() - t.storage_offset() * t.element_size()  # noqa: E731
-    params, saved, peak = {address(p) for m in (S, heads, unet) for p in m.parameters()}, {}, [0]
-
-    def pack(t):
-        if address(t) not in params:
-            saved[address(t)] = t.untyped_storage().nbytes()
-        peak[0] = max(peak[0], sum(saved.values()))
-        return t
-
-    res = {0.0: ([], []), args.gad_weight or 1.0: ([], [])}
+    state, res = nbytes(unet) + 4 * (nbytes(S) + nbytes(heads)), {0.0: ([], []), args.gad_weight or 1.0: ([], [])}
     for i in range(args.bench + 2):  # 2 warm-up rounds
         for w, (times, mems) in res.items():
-            a, peak[0] = copy.copy(args), 0
+            a = copy.copy(args)
             a.gad_weight, a.grad_accum = w, 1  # one micro-batch per update (CPU peak: saved bytes of one)
             if device.type == "cuda":
                 torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             common.bench_hook(w > 0)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                saved.clear()
+            with (saved := common.SavedBytes(S, heads, unet)):
                 rows, used = g_update(S, heads, unet, opt_g, scaler, lambda: batch, a, ctx, ab, pt)
-                saved.clear()
+                saved.saved.clear()  # G's saved tensors are freed by its backward
                 d_update(S, heads, unet, opt_d, scaler, lambda: batch, used, rows, a, ctx, ab, pt)
             if scaler:  # as train_step: one update per G + D iteration (fp16)
                 scaler.update()
@@ -541,7 +502,7 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-                mems.append(torch.cuda.max_memory_allocated() if device.type == "cuda" else state + peak[0])
+                mems.append(torch.cuda.max_memory_allocated() if device.type == "cuda" else state + saved.peak)
     (tb, mb), (tg, mg) = [(statistics.median(t), statistics.median(m)) for t, m in res.values()]
     out = dict(time_base_s=tb, time_gad_s=tg, time_ratio=tg / tb, mem_base_mb=mb / 2**20, mem_gad_mb=mg / 2**20,
                mem_ratio=mg / mb)
@@ -582,7 +543,7 @@ def train(args) -> dict:
     # 0. build student (copy of teacher) and discriminator heads; optimizers (AdamW 0.9, 0.999)
     S = copy.deepcopy(unet).requires_grad_(True).train()
     S.enable_gradient_checkpointing() if args.grad_ckpt else None
-    heads = DHeads(feature_channels(unet)).to(device)
+    heads = DHeads(unet.config.block_out_channels).to(device)
     opt_g = torch.optim.AdamW(S.parameters(), args.lr, betas=(0.9, 0.999))
     opt_d = torch.optim.AdamW(heads.parameters(), args.lr_d, betas=(0.9, 0.999))
     if args.bench:

@@ -112,7 +112,7 @@ def test_heads_are_nitro1s_on_the_real_sd21_widths():
         unet = UNet2DConditionModel.from_config(cfg)
         feats = G.backbone_features(unet, torch.empty(2, 4, 64, 64), torch.zeros(2, dtype=torch.long),
                                     {"encoder_hidden_states": torch.empty(2, 77, 1024)})
-        heads = G.DHeads(G.feature_channels(unet))
+        heads = G.DHeads(unet.config.block_out_channels)
         logits = heads(feats)
     assert [tuple(f.shape[1:]) for f in feats] == [(320, 32, 32), (640, 16, 16), (1280, 8, 8)]
     assert tuple(logits.shape) == (2, 17 * 17 + 9 * 9 + 5 * 5)
@@ -149,7 +149,7 @@ def test_gad_term_zero_when_student_is_teacher_map(pipe, mode):
     b["x0_T"] = torch.randn_like(dT)
     b["x0_T_prime"] = b["x0_T"] + dT.detach()
     args = G.Args(**{**TINY, "h": 1e-4, "gad_jvp": mode})
-    heads = G.DHeads(G.feature_channels(pipe.unet))
+    heads = G.DHeads(pipe.unet.config.block_out_channels)
     _, _, logs = G.g_step(pipe.unet, heads, pipe.unet, b, args, common.autocast(torch.device("cpu"), torch.float32),
                           ab, "epsilon")
     assert logs["gad"] == pytest.approx(0.0, abs=1e-6)
@@ -176,7 +176,7 @@ def test_teacher_sampler_matches_stock_pipeline(pipe):
 
 def test_discriminator_gradient_routing(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet)), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels), G.Args(**TINY)
     loss_d, _ = G.d_step(heads, pipe.unet, G.student_x0(S, b["z"], b["cond"], ab, "epsilon").detach(), b, args, ctx, ab)
     loss_d.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
@@ -191,7 +191,7 @@ def test_discriminator_gradient_routing(pipe):
 
 def test_generator_step_does_not_update_D_and_vice_versa(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet)), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels), G.Args(**TINY)
     opt_g, opt_d = torch.optim.AdamW(S.parameters(), 1e-3), torch.optim.AdamW(heads.parameters(), 1e-3)
     snap = lambda m: [p.detach().clone() for p in m.parameters()]
     same = lambda a, m: all(torch.equal(x, y) for x, y in zip(a, m.parameters()))
@@ -237,7 +237,7 @@ def test_d_update_uses_the_next_batch_and_the_updated_students_fakes(pipe, monke
     """Issue 11 item 9 (Nitro-1): the D step draws its own batch and its fakes come from the student AFTER the G
     update; --d-batch same reuses the G step's batch and (pre-update) fakes."""
     ab, ctx = _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(G.feature_channels(pipe.unet))
+    S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels)
     args = G.Args(**TINY, gad_weight=0.0, d_batch=d_batch)
     batches, seen, real_d_step = iter([_batch(pipe, seed=1), _batch(pipe, seed=2)]), [], G.d_step
     monkeypatch.setattr(G, "d_step", lambda h, u, x0_fake, batch, *a: seen.append((x0_fake, batch)) or real_d_step(
@@ -265,7 +265,7 @@ def test_grad_accum_gradients_equal_the_double_batch(pipe, monkeypatch):
     big = [_batch(pipe, seed=1), _batch(pipe, seed=2)]  # G batch, then D batch
     micro = [{**{k: v[i:i + 1] for k, v in bb.items() if k != "cond"}, "cond": common.select(bb["cond"], slice(i, i + 1))}
              for bb in big for i in range(2)]
-    heads0, grads = G.DHeads(G.feature_channels(pipe.unet)), []
+    heads0, grads = G.DHeads(pipe.unet.config.block_out_channels), []
     for n, draws in ((1, big), (2, micro)):
         S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), copy.deepcopy(heads0)
         args = G.Args(**{**TINY, "batch_size": 2 // n}, grad_accum=n, t_d_max=0, misaligned_d=False, clip=1e9)
@@ -352,7 +352,7 @@ def test_smoke_base_ladd_hinge_with_eval(tmp_path, data, no_plots):
 def test_both_gad_forms_in_the_generator_step(pipe):
     """--gad-form paper is the printed Eq. 8: on the same batch it is exactly h^2 times the jvp form."""
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads = copy.deepcopy(pipe.unet), G.DHeads(G.feature_channels(pipe.unet))
+    S, heads = copy.deepcopy(pipe.unet), G.DHeads(pipe.unet.config.block_out_channels)
     gad = {f: G.g_step(S, heads, pipe.unet, b, G.Args(**TINY, gad_form=f), ctx, ab, "epsilon")[2]["gad"]
            for f in ("jvp", "paper")}
     assert gad["jvp"] > 1.0 and gad["paper"] == pytest.approx(1e-8 * gad["jvp"], rel=1e-4)
