@@ -975,6 +975,34 @@ def diversity(features: torch.Tensor) -> float:
 def bench_hook(use_gad: bool) -> None:
     """Called by each GAD file at the start of every --bench step; bench/gpu_cost.py replaces it to count per step."""
 
+class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """--bench on CPU, a stand-in for the allocator peak: inside `with`, .peak = the most bytes of storages saved for
+    backward at once (weights of `modules` excluded; clear() between phases). Storages are keyed by address, since
+    storage().data_ptr() raises for some views saved under forward-mode AD."""
+    def __init__(self, *modules):
+        self.addr = lambda t: t.data_ptr() - t.storage_offset() * t.element_size()
+        self.params, self.saved, self.peak = {self.addr(p) for m in modules for p in m.parameters()}, {}, 0
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if self.addr(t) not in self.params:
+            self.saved[self.addr(t)] = t.untyped_storage().nbytes()
+        self.peak = max(self.peak, sum(self.saved.values()))
+        return t
+
+def data_meta(d: str, meta: dict, write: bool = False) -> None:
+    """A data cache's meta.json: written if absent (write=True), else its entries for `meta`'s keys must equal `meta`:
+    data made with other settings are refused (ValueError naming the keys), never mixed in."""
+    path = os.path.join(d, "meta.json")
+    if write and not os.path.exists(path):
+        with open(path, "w") as f:
+            return json.dump(meta, f)
+    with open(path) as f:
+        old = json.load(f)
+    bad = sorted(k for k, v in meta.items() if old.get(k) != v)
+    if bad:
+        raise ValueError(f"{d} holds data made with other settings ({bad}); pass another --data-dir or remake it")
+
 def check_finite(step: int, **losses) -> None:
     """Stop the run, naming the step and the term, when a loss is not finite (no silent NaN handling)."""
     for k, v in losses.items():

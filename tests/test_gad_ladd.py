@@ -78,12 +78,48 @@ def test_gad_loss_values_forms_and_gradient():
 
 
 def test_gan_losses_values():
-    r, f = [torch.tensor([2.0, -1.0])], [torch.tensor([0.5, -3.0])]
+    r, f = torch.tensor([[2.0, -1.0]]), torch.tensor([[0.5, -3.0]])
     sp = torch.nn.functional.softplus
-    assert G.disc_loss(r, f, "bce").item() == pytest.approx((sp(-r[0]).mean() + sp(f[0]).mean()).item())
+    assert G.disc_loss(r, f, "bce").item() == pytest.approx((sp(-r).mean() + sp(f).mean()).item())
     assert G.disc_loss(r, f, "hinge").item() == pytest.approx((0 + 2) / 2 + (1.5 + 0) / 2)
-    assert G.gen_loss(f, "bce").item() == pytest.approx(sp(-f[0]).mean().item())
+    assert G.gen_loss(f, "bce").item() == pytest.approx(sp(-f).mean().item())
     assert G.gen_loss(f, "hinge").item() == pytest.approx(1.25)
+
+
+def test_one_mean_over_the_heads_concatenated_maps():
+    """Issue 11 item 7: Nitro-1 takes ONE BCE mean over the three heads' concatenated maps: zero logits give log 2
+    (per-head means summed gave 3 log 2) and each head weighs by its map size. Heads' maps of 4, 2 and 1 positions."""
+    maps = [torch.zeros(2, 1, 2, 2), torch.full((2, 1, 1, 2), 4.0), torch.full((2, 1, 1, 1), -2.0)]
+    logits = torch.cat([m.flatten(1) for m in maps], 1)  # what DHeads.forward returns
+    l2, sp = torch.tensor(2.0).log().item(), lambda x: torch.nn.functional.softplus(torch.tensor(x)).item()
+    assert G.gen_loss(torch.zeros_like(logits), "bce").item() == pytest.approx(l2)
+    assert G.disc_loss(torch.zeros_like(logits), torch.zeros_like(logits), "bce").item() == pytest.approx(2 * l2)
+    assert G.gen_loss(logits, "bce").item() == pytest.approx((4 * l2 + 2 * sp(-4.0) + sp(2.0)) / 7)  # size-weighted
+    assert G.gen_loss(logits, "hinge").item() == pytest.approx((0 - 2 * 4.0 + 2.0) / 7)
+
+
+def test_heads_are_nitro1s_on_the_real_sd21_widths():
+    """Issue 11 item 8: on the real SD2.1 UNet (meta device, no weights) the backbone gives 320/640/1280 channels at
+    32/16/8, and Nitro-1's heads (GN 32, Conv C -> C/4 4x4 s2 p2, SiLU, Conv 1x1) give 17/9/5 maps, 8.6M parameters
+    (the old C -> C heads with a projection term: 39.6M and 16/8/4)."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    with open(os.path.join(os.path.dirname(G.__file__), "configs", "sd21", "unet.json")) as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+        feats = G.backbone_features(unet, torch.empty(2, 4, 64, 64), torch.zeros(2, dtype=torch.long),
+                                    {"encoder_hidden_states": torch.empty(2, 77, 1024)})
+        heads = G.DHeads(unet.config.block_out_channels)
+        logits = heads(feats)
+    assert [tuple(f.shape[1:]) for f in feats] == [(320, 32, 32), (640, 16, 16), (1280, 8, 8)]
+    assert tuple(logits.shape) == (2, 17 * 17 + 9 * 9 + 5 * 5)
+    per_head = lambda c: 2 * c + (16 * c * (c // 4) + c // 4) + (c // 4 + 1)  # GN affine, 4x4 conv, 1x1 conv
+    n = sum(p.numel() for p in heads.parameters())
+    assert n == sum(per_head(c) for c in (320, 640, 1280)) == 8_607_203
+    assert [m.num_groups for m in heads.modules() if isinstance(m, torch.nn.GroupNorm)] == [32, 32, 32]
 
 
 # ---------------------------------------------------------------- precision and the GAD property
@@ -113,7 +149,7 @@ def test_gad_term_zero_when_student_is_teacher_map(pipe, mode):
     b["x0_T"] = torch.randn_like(dT)
     b["x0_T_prime"] = b["x0_T"] + dT.detach()
     args = G.Args(**{**TINY, "h": 1e-4, "gad_jvp": mode})
-    heads = G.DHeads(pipe.unet)
+    heads = G.DHeads(pipe.unet.config.block_out_channels)
     _, _, logs = G.g_step(pipe.unet, heads, pipe.unet, b, args, common.autocast(torch.device("cpu"), torch.float32),
                           ab, "epsilon")
     assert logs["gad"] == pytest.approx(0.0, abs=1e-6)
@@ -140,7 +176,7 @@ def test_teacher_sampler_matches_stock_pipeline(pipe):
 
 def test_discriminator_gradient_routing(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels), G.Args(**TINY)
     loss_d, _ = G.d_step(heads, pipe.unet, G.student_x0(S, b["z"], b["cond"], ab, "epsilon").detach(), b, args, ctx, ab)
     loss_d.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
@@ -155,18 +191,91 @@ def test_discriminator_gradient_routing(pipe):
 
 def test_generator_step_does_not_update_D_and_vice_versa(pipe):
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet), G.Args(**TINY)
+    S, heads, args = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels), G.Args(**TINY)
     opt_g, opt_d = torch.optim.AdamW(S.parameters(), 1e-3), torch.optim.AdamW(heads.parameters(), 1e-3)
     snap = lambda m: [p.detach().clone() for p in m.parameters()]
     same = lambda a, m: all(torch.equal(x, y) for x, y in zip(a, m.parameters()))
     s0, h0 = snap(S), snap(heads)
-    loss_g, x0_hat, _ = G.g_step(S, heads, pipe.unet, b, args, ctx, ab, "epsilon")
-    G.optimize(loss_g, S.parameters(), opt_g, None, 1.0)
+    rows, used = G.g_update(S, heads, pipe.unet, opt_g, None, lambda: b, args, ctx, ab, "epsilon")
     assert same(h0, heads) and not same(s0, S)
     s1 = snap(S)
-    loss_d, _ = G.d_step(heads, pipe.unet, x0_hat, b, args, ctx, ab)
-    G.optimize(loss_d, heads.parameters(), opt_d, None, 1.0)
+    G.d_update(S, heads, pipe.unet, opt_d, None, lambda: b, used, rows, args, ctx, ab, "epsilon")
     assert same(s1, S) and not same(h0, heads)
+
+
+# ---------------------------------------------------------------- the D step and the iteration as Nitro-1
+
+
+def test_d_step_counts_misaligned_pairs_as_fakes_and_draws_t_D_per_row(pipe, monkeypatch):
+    """Issue 11 item 9: fakes = student rows + real latent i-1 with prompt i; real and fake t_D drawn independently
+    (before: one t shared by real and fake rows, no misaligned rows). Noise-free re-noising and a stub backbone/head
+    that return per-row logits, so the loss can be computed by hand."""
+    b, ab, B = _batch(pipe, B=3), _ab(pipe), 3
+    seen = {}
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)  # x_t = sqrt(a_t) x0
+    monkeypatch.setattr(G, "backbone_features", lambda unet, x_t, t, cond: seen.update(x_t=x_t, t=t, cond=cond) or [x_t])
+    heads = lambda feats: torch.linspace(-2, 2, feats[0].shape[0])[:, None].repeat(1, 5)  # noqa: E731  row-wise logits
+    x_fake, ctx = b["z"], common.autocast(torch.device("cpu"), torch.float32)  # any latents stand for the student's
+    sp = torch.nn.functional.softplus
+    for misaligned, k in ((True, 3), (False, 2)):
+        args = G.Args(**{**TINY, "misaligned_d": misaligned})
+        loss, logs = G.d_step(heads, None, x_fake, b, args, ctx, ab)
+        v = torch.linspace(-2, 2, k * B)
+        assert loss.item() == pytest.approx((sp(v[:-B]).mean() + sp(-v[-B:]).mean()).item(), rel=1e-6)
+        assert logs["d_fake"] == pytest.approx(v[:B].mean().item(), abs=1e-6)
+        t, x0 = seen["t"], seen["x_t"] / ab[seen["t"]].sqrt().view(-1, 1, 1, 1)
+        torch.testing.assert_close(x0[:B], x_fake)
+        torch.testing.assert_close(x0[-B:], b["x0_T"])  # reals
+        torch.testing.assert_close(seen["cond"]["encoder_hidden_states"], b["cond"]["encoder_hidden_states"].repeat(k, 1, 1))
+        assert not torch.equal(t[:B], t[-B:]) and t.shape == (k * B,)  # independent t_D for fake and real rows
+        if misaligned:  # row i: latent i-1 with prompt i (the cond rows checked above)
+            torch.testing.assert_close(x0[B:2 * B], b["x0_T"][[2, 0, 1]])
+
+
+@pytest.mark.parametrize("d_batch", ["next", "same"])
+def test_d_update_uses_the_next_batch_and_the_updated_students_fakes(pipe, monkeypatch, d_batch):
+    """Issue 11 item 9 (Nitro-1): the D step draws its own batch and its fakes come from the student AFTER the G
+    update; --d-batch same reuses the G step's batch and (pre-update) fakes."""
+    ab, ctx = _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
+    S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), G.DHeads(pipe.unet.config.block_out_channels)
+    args = G.Args(**TINY, gad_weight=0.0, d_batch=d_batch)
+    batches, seen, real_d_step = iter([_batch(pipe, seed=1), _batch(pipe, seed=2)]), [], G.d_step
+    monkeypatch.setattr(G, "d_step", lambda h, u, x0_fake, batch, *a: seen.append((x0_fake, batch)) or real_d_step(
+        h, u, x0_fake, batch, *a))
+    before = copy.deepcopy(S)
+    opt_g, opt_d = torch.optim.AdamW(S.parameters(), 1e-3), torch.optim.AdamW(heads.parameters(), 1e-3)
+    G.train_step(S, heads, pipe.unet, opt_g, opt_d, None, lambda: next(batches), args, ctx, ab, "epsilon")
+    (x0_fake, batch), = seen
+    with torch.no_grad():
+        after_fake, before_fake = (G.student_x0(m, batch["z"], batch["cond"], ab, "epsilon") for m in (S, before))
+    assert not torch.allclose(after_fake, before_fake, atol=1e-6)  # the G update moved the student
+    if d_batch == "next":
+        assert torch.equal(batch["z"], _batch(pipe, seed=2)["z"])
+        torch.testing.assert_close(x0_fake, after_fake, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(batch["z"], _batch(pipe, seed=1)["z"]) and next(batches, None) is not None  # one draw
+        torch.testing.assert_close(x0_fake, before_fake, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_accum_gradients_equal_the_double_batch(pipe, monkeypatch):
+    """--grad-accum 2 on micro-batches of 1 gives the G and D gradients of one batch of 2 (lr 0: weights fixed, so
+    the refreshed fakes agree; t_D = 0 and zero noise, so the draws agree). A missing 1/N doubles them."""
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    ab, ctx = _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
+    big = [_batch(pipe, seed=1), _batch(pipe, seed=2)]  # G batch, then D batch
+    micro = [{**{k: v[i:i + 1] for k, v in bb.items() if k != "cond"}, "cond": common.select(bb["cond"], slice(i, i + 1))}
+             for bb in big for i in range(2)]
+    heads0, grads = G.DHeads(pipe.unet.config.block_out_channels), []
+    for n, draws in ((1, big), (2, micro)):
+        S, heads = copy.deepcopy(pipe.unet).requires_grad_(True), copy.deepcopy(heads0)
+        args = G.Args(**{**TINY, "batch_size": 2 // n}, grad_accum=n, t_d_max=0, misaligned_d=False, clip=1e9)
+        opt_g, opt_d = torch.optim.SGD(S.parameters(), lr=0.0), torch.optim.SGD(heads.parameters(), lr=0.0)
+        it = iter(draws)
+        row = G.train_step(S, heads, pipe.unet, opt_g, opt_d, None, it.__next__, args, ctx, ab, "epsilon")
+        assert row["gad"] > 0 and next(it, None) is None  # GAD term on; every micro-batch drawn once
+        grads.append([torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]) for m in (S, heads)])
+    for g1, g2 in zip(*grads):  # G, then D
+        assert g1.norm() > 0 and (g2 - g1).norm() / g1.norm() < 1e-4
 
 
 # ---------------------------------------------------------------- data stage
@@ -243,7 +352,7 @@ def test_smoke_base_ladd_hinge_with_eval(tmp_path, data, no_plots):
 def test_both_gad_forms_in_the_generator_step(pipe):
     """--gad-form paper is the printed Eq. 8: on the same batch it is exactly h^2 times the jvp form."""
     b, ab, ctx = _batch(pipe), _ab(pipe), common.autocast(torch.device("cpu"), torch.float32)
-    S, heads = copy.deepcopy(pipe.unet), G.DHeads(pipe.unet)
+    S, heads = copy.deepcopy(pipe.unet), G.DHeads(pipe.unet.config.block_out_channels)
     gad = {f: G.g_step(S, heads, pipe.unet, b, G.Args(**TINY, gad_form=f), ctx, ab, "epsilon")[2]["gad"]
            for f in ("jvp", "paper")}
     assert gad["jvp"] > 1.0 and gad["paper"] == pytest.approx(1e-8 * gad["jvp"], rel=1e-4)
@@ -253,3 +362,7 @@ def test_grad_ckpt_with_the_exact_jvp_is_refused_before_loading(tmp_path):
     """Checkpoint recomputation runs outside forward-mode AD and would drop the student's tangent."""
     with pytest.raises(common.UsageError, match="--gad-jvp fd"):
         G.train(G.Args(**{**TINY, "out": str(tmp_path / "r")}, grad_ckpt=True))
+    with pytest.raises(common.UsageError, match="--misaligned-d"):  # a latent needs another row's prompt
+        G.train(G.Args(**{**TINY, "out": str(tmp_path / "r"), "batch_size": 1}))
+    with pytest.raises(common.UsageError, match="--grad-accum"):
+        G.train(G.Args(**{**TINY, "out": str(tmp_path / "r")}, grad_accum=0))
