@@ -634,9 +634,10 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
     pipe.denoiser_name = denoiser
     return pipe.to(device) if device is not None and not is_random(model) else pipe
 
-def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None) -> str:
+def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None, call: dict | None = None) -> str:
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
-    `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model."""
+    `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model. `call`: the student's __call__ settings
+    (num_inference_steps, guidance_scale, ...), written to call.json for evaluate.py."""
     import copy
     components = dict(pipe.components)
     net = copy.deepcopy(unwrap(student))
@@ -648,6 +649,9 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     tmp, old = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}", f"{out_dir.rstrip(os.sep)}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     type(pipe)(**components).save_pretrained(tmp, safe_serialization=True)
+    if call:
+        with open(os.path.join(tmp, "call.json"), "w") as f:
+            json.dump(call, f, indent=1)
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)

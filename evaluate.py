@@ -177,8 +177,8 @@ def check_features(model_id: str, flag: str, processor: str = "") -> None:
 
 
 def load_features(model_id: str, device, processor: str = "", kind: str = "clip") -> tuple:
-    """(model, processor) in eval mode. kind 'clip' (image and text towers) or 'dino' (vision only); 'tiny' builds
-    the configs/eval_tiny/<kind>.json model with the tiny offline tokenizer."""
+    """(model, processor) in eval mode, by transformers' Auto classes. 'tiny' builds configs/eval_tiny/<kind>.json
+    ('clip': a CLIPModel with the tiny offline tokenizer; 'dino': a DINOv3 ViT) with random weights."""
     import transformers
     if model_id == "tiny":
         with open(os.path.join(TINY_CONFIGS, f"{kind}.json")) as f, open(os.path.join(TINY_CONFIGS, "image_processor.json")) as g:
@@ -192,8 +192,7 @@ def load_features(model_id: str, device, processor: str = "", kind: str = "clip"
                 if kind == "clip" else image_proc)
     else:
         model = transformers.AutoModel.from_pretrained(model_id)
-        proc = (transformers.AutoProcessor if kind == "clip" else transformers.AutoImageProcessor).from_pretrained(
-            processor or model_id)
+        proc = transformers.AutoProcessor.from_pretrained(processor or model_id)  # an image processor for a DINO
     return model.to(device).eval().requires_grad_(False), proc
 
 
