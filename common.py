@@ -1,5 +1,6 @@
 """Plumbing shared by the method files: CLI, device and precision, seeding, distributed,
-checkpoints, logging, model loading (real, tiny, and real-size random), pipeline export, shared metrics.
+checkpoints, logging, model loading (real, tiny, and real-size random), pipeline export, prompt sets.
+The metrics are in evaluate.py.
 
 Nothing in here is a loss or a sampler of any method: those live in the method files, next
 to the equations they implement. Every helper is small enough to read in one sitting.
