@@ -100,7 +100,7 @@ class Args:
     ckpt_every: int = 500  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
     eval: bool = True  # diversity metric on the grid samples
-    prompts: str = ""  # prompt file, one per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
 
 

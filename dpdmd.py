@@ -81,7 +81,7 @@ class Args:
     seed: int = 0  # global seed (offset by rank)
     resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
     overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
-    prompts: str = ""  # training prompts, one per line ('' = built-in list); the paper uses DiffusionDB
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin; paper: DiffusionDB
     sample_every: int = 500  # fixed-seed sample grid and loss curves every N steps
     eval: bool = True  # compute the Eq. 9 diversity metric
     eval_every: int = 500  # diversity metric every N steps

@@ -97,7 +97,7 @@ class Args:
     ckpt_every: int = 1000  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
     eval: bool = False  # run the evaluation at the end
-    prompts: str = ""  # prompt file, one per line; '' = built-in list
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
     grad_ckpt: bool = False  # gradient checkpointing in the student (with GAD on, needs --gad-jvp fd)
     bench: int = 0  # >0: time N interleaved GAD/base steps on synthetic data, print ratios, exit

@@ -105,7 +105,7 @@ class Args:
     log_every: int = 10  # steps between metrics.jsonl rows
     eval: bool = False  # at the end: geometry metrics vs the teacher and seed diversity
     eval_teacher_steps: int = 20  # teacher Euler steps for --eval (Table 3: 20)
-    prompts: str = ""  # prompt file, one per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     export: bool = True  # save the student as a SanaPipeline in out/pipeline at the end
     threads: int = 0  # CPU threads (0 = torch default or $CPU_THREADS)
     bench: int = 0  # > 0: time N interleaved SiD / SiD+GAD steps (2 warm-up pairs first), print the ratios, exit

@@ -119,7 +119,7 @@ class Args:
     steps: int = 2000  # training iterations (Table 11)
     batch_size: int = 64  # global batch (Table 11), split across ranks
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
-    prompts: str = ""  # text file, one prompt per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     out: str = "runs/gad_tdm"  # output directory
     seed: int = 0  # global seed (offset by rank)
     resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
