@@ -32,7 +32,7 @@ Deviations
     it. We keep ε: input = the pair's interpolation at the SNR of t at the UNet's scale, x_t = α_t x0 + σ_t z (for flow
     models exactly (1-t) x0 + t z); ε predicts the pair noise z, i.e. the velocity z - x0 by a fixed conversion.
   - SD3-M is LoRA-tuned in the paper; we tune all weights with plain DDP (no FSDP / CPU offload).
-  - Diversity: common.diversity (1 - mean pairwise cosine) on 32x32 decoded pixels, not LPIPS (Table 6).
+  - Diversity: evaluate.diversity (1 - mean pairwise cosine) on 32x32 decoded pixels, not LPIPS (Table 6).
 
 Commands
   GPU, SD3-M 4-step ADM:  python adm.py --family sd3 --steps 8000 --batch-size 4
@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common
+from evaluate import diversity
 
 DEFAULT_MODEL = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 
@@ -100,7 +101,7 @@ class Args:
     ckpt_every: int = 500  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
     eval: bool = True  # diversity metric on the grid samples
-    prompts: str = ""  # prompt file, one per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
     lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule of every net (paper silent)
     lr_warmup: int = 0  # linear lr warm-up steps (paper silent: none)
@@ -457,7 +458,7 @@ def sample_grid(M, prompts, family, dev, path, evaluate=True, n_seeds=4):
     with M.ac():
         images = common.decode(M.pipe, rollout(M.G_u, z.to(dev), cond, M.sch, M.ts, len(M.ts)))
     common.save_grid(images, path, nrow=n_seeds)
-    return common.diversity(F.interpolate(images, size=(32, 32), mode="area").reshape(P, n_seeds, -1)) if evaluate else None
+    return diversity(F.interpolate(images, size=(32, 32), mode="area").reshape(P, n_seeds, -1)) if evaluate else None
 
 
 # valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads

@@ -1,5 +1,6 @@
 """Plumbing shared by the method files: CLI, device and precision, seeding, distributed,
-checkpoints, logging, model loading (real, tiny, and real-size random), pipeline export, shared metrics.
+checkpoints, logging, model loading (real, tiny, and real-size random), pipeline export, prompt sets.
+The metrics are in evaluate.py.
 
 Nothing in here is a loss or a sampler of any method: those live in the method files, next
 to the equations they implement. Every helper is small enough to read in one sitting.
@@ -393,6 +394,8 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
         read_prompts(args.prompts)
     if family is not None or model is not None:
         check_model(model or args.model or FAMILIES[family][2], family)
+        if hasattr(args, "prompts"):
+            check_prompt_source(args.prompts, [model or args.model or FAMILIES[family][2]])
     for flag, other in (model_ids or {}).items():
         if other:
             check_model(other, flag=flag)
@@ -496,20 +499,71 @@ PROMPTS = [
     "a city street in the rain with neon signs", "a vintage bicycle leaning against a yellow wall",
 ]
 
-def read_prompts(path: str = "") -> list:
-    """One prompt per line from `path`; the built-in list when `path` is empty."""
-    if not path:
+PROMPT_SOURCES = ("the papers' prompt sets: GAD evaluates on 1,000 MS-COCO captions (Table 3), CC12M captions "
+                  "(Tables 7-9) and MS-COCO 30k (Table 12); DP-DMD trains on DiffusionDB prompts; ADM trains on JourneyDB "
+                  "and evaluates on COCO 2014 captions (Table 1) and PartiPrompts (Table 6). README 'Evaluate' lists them")
+PROMPTS_SYNTAX = ("FILE.txt (one prompt per line) | FILE.jsonl, .csv or .parquet with :COLUMN (default 'prompt') | "
+                  "hf:OWNER/NAME[/CONFIG][@SPLIT][:COLUMN] (a hub dataset, default split 'train', column 'prompt') | "
+                  "builtin (the 8 built-in prompts)")
+_TABLE = re.compile(r"(?P<path>.+\.(?P<ext>jsonl|json|csv|parquet))(?::(?P<col>[^/:]+))?")
+_HUB = re.compile(r"hf:(?P<id>[\w.-]+/[\w.-]+)(?:/(?P<config>[\w.-]+))?(?:@(?P<split>[\w.-]+))?(?::(?P<col>[\w. -]+))?")
+
+def read_prompts(spec: str = "") -> list:
+    """The prompt list `spec` names (PROMPTS_SYNTAX); '' or 'builtin': the built-in list. Bad input: UsageError."""
+    if spec in ("", "builtin"):
         return list(PROMPTS)
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UsageError(f"argument --prompts: cannot read {path} ({e.__class__.__name__}: {e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"argument --prompts: {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    stamp = [os.stat(p).st_mtime_ns for p in {spec, spec.rsplit(":", 1)[0]} if os.path.isfile(p)]
+    return list(_read_prompts(spec, tuple(stamp)))
+
+@functools.lru_cache(maxsize=8)  # start_run checks the source, train() reads it: one read (a file edited since: reread)
+def _read_prompts(spec: str, stamp: tuple) -> tuple:
+    bad = lambda why: UsageError(f"argument --prompts: {spec}: {why} (syntax: {PROMPTS_SYNTAX})")
+    if (hub := _HUB.fullmatch(spec)) or spec.startswith("hf:"):
+        if hub is None:
+            raise bad("not a hub dataset spec")
+        import datasets
+        try:
+            table = datasets.load_dataset(hub["id"], hub["config"], split=hub["split"] or "train")
+        except Exception as e:  # offline, unknown id, split or config: datasets' own message, shortened
+            raise bad(f"datasets.load_dataset failed ({e.__class__.__name__}: {str(e).splitlines()[0][:300]}); "
+                      "offline, download it elsewhere (hf download --repo-type dataset ID) and pass a local file") from None
+        column, columns = hub["col"] or "prompt", table.column_names
+    elif table := _TABLE.fullmatch(spec):
+        import pandas
+        path, column = table["path"], table["col"] or "prompt"
+        read = {"jsonl": lambda p: pandas.read_json(p, lines=True), "json": pandas.read_json, "csv": pandas.read_csv,
+                "parquet": pandas.read_parquet}[table["ext"]]
+        try:
+            table = read(path)
+        except (OSError, ValueError) as e:
+            raise bad(f"cannot read {path} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        columns = list(table.columns)
+    else:
+        try:
+            with open(spec, encoding="utf-8") as f:
+                prompts = tuple(line.strip() for line in f if line.strip())
+        except OSError as e:
+            raise UsageError(f"argument --prompts: cannot read {spec} ({e.__class__.__name__}: {e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"argument --prompts: {spec} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if not prompts:
+            raise UsageError(f"argument --prompts: {spec} has no non-empty lines")
+        return prompts
+    if column not in columns:
+        raise bad(f"no column '{column}'; columns: {', '.join(map(str, columns[:20]))}")
+    prompts = tuple(str(p).strip() for p in table[column] if isinstance(p, str) and p.strip())
     if not prompts:
-        raise UsageError(f"argument --prompts: {path} has no non-empty lines")
+        raise bad(f"column '{column}' holds no non-empty text")
     return prompts
+
+def check_prompt_source(prompts: str, models) -> None:
+    """A real model (hub id or local directory) never falls back to the 8 built-in prompts silently: '' is refused,
+    'builtin' says so explicitly. Built-in models (tiny, random) keep them."""
+    real = [m for m in models if m and not is_builtin(m)]
+    if not prompts and real:
+        raise UsageError(f"argument --prompts: {real[0]} is a real model and no prompt set was given; the 8 built-in "
+                         f"prompts are for tiny/random smoke runs. Pass one: {PROMPTS_SYNTAX}; {PROMPT_SOURCES}. "
+                         "Pass --prompts builtin to use the 8 built-in prompts anyway")
 
 # ==== Model loading. A family is a diffusers pipeline class plus the name of its denoiser.
 # Real: DiffusionPipeline.from_pretrained(hub id or local dir). Tiny: the same pipeline class
@@ -630,9 +684,10 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
     pipe.denoiser_name = denoiser
     return pipe.to(device) if device is not None and not is_random(model) else pipe
 
-def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None) -> str:
+def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None, call: dict | None = None) -> str:
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
-    `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model."""
+    `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model. `call`: the student's __call__ settings
+    (num_inference_steps, guidance_scale, ...), written to call.json for evaluate.py."""
     import copy
     components = dict(pipe.components)
     net = copy.deepcopy(unwrap(student))
@@ -644,6 +699,9 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     tmp, old = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}", f"{out_dir.rstrip(os.sep)}.old{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     type(pipe)(**components).save_pretrained(tmp, safe_serialization=True)
+    if call:
+        with open(os.path.join(tmp, "call.json"), "w") as f:
+            json.dump(call, f, indent=1)
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -819,7 +877,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     z = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     return vae.decode(z).sample.float()
 
-# ==== Shared metrics
+# ==== Forward-mode JVPs (GAD's losses; the metrics built on them are in evaluate.py)
 
 class _CheapTangents(torch.overrides.TorchFunctionMode):
     """Forward-mode AD rules for the ops where PyTorch's own rules waste work, memory or go wrong. Active inside
@@ -926,51 +984,6 @@ def jvp(f, z: torch.Tensor, v: torch.Tensor, mode: str = "exact", h: float = 1e-
     if mode == "fd":
         return (f(z + h * v).float() - f(z - h * v).float()) / (2 * h)
     return jvp_pair(lambda x: f(x).float(), z, v)[1]
-
-def _power_spectrum(r: torch.Tensor) -> torch.Tensor:
-    """Normalised power spectrum per sample: fft2 over (H, W) summed over channels for images,
-    rfft over the flattened features otherwise."""
-    p = torch.fft.fft2(r).abs().pow(2).sum(1).flatten(1) if r.ndim == 4 else torch.fft.rfft(r.flatten(1)).abs().pow(2)
-    return p / p.sum(1, keepdim=True).clamp_min(1e-30)
-
-def geometry_metrics(phi_s, phi_t, z: torch.Tensor, n_dirs: int = 4, seed: int = 0, mode: str = "exact",
-                     h: float = 1e-3) -> dict:
-    """Geometric alignment of a student map phi_s against a teacher map phi_t at inputs z (GAD Table 1).
-
-    For each input z_i and random direction v ~ N(0, I) (seeded), with r_S = J_S v, r_T = J_T v:
-      jvp_cos          mean cos(r_S, r_T)                                  1 = same directions
-      jac_norm_ratio   mean ||r_S|| / ||r_T||                              1 = same stretching
-      jac_norm_ratio_top10  the same over the 10% of (z, v) with largest ||r_T|| (where shortcuts hide)
-      spectral_kl      mean KL(P_T || P_S) of normalised power spectra     0 = same frequency content
-      jvp_mse          mean over elements of (r_S - r_T)^2                 0 = identical JVPs
-    Exact JVPs by default (forward-mode AD in fp32); mode='fd' uses central differences.
-    """
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cos, ratio, kl, mse, norm_t = [], [], [], [], []
-    for _ in range(n_dirs):
-        v = torch.randn(z.shape, generator=g).to(z.device)
-        rs, rt = jvp(phi_s, z, v, mode, h).flatten(1), jvp(phi_t, z, v, mode, h).flatten(1)
-        cos.append(torch.nn.functional.cosine_similarity(rs, rt, dim=1))
-        norm_t.append(rt.norm(dim=1))
-        ratio.append(rs.norm(dim=1) / norm_t[-1].clamp_min(1e-30))
-        ps, pt = _power_spectrum(rs.view_as(z)), _power_spectrum(rt.view_as(z))
-        kl.append((pt * (pt.clamp_min(1e-30).log() - ps.clamp_min(1e-30).log())).sum(1))
-        mse.append((rs - rt).pow(2).mean(1))
-    ratio, norm_t = torch.cat(ratio), torch.cat(norm_t)
-    top = norm_t >= torch.quantile(norm_t, 0.9)
-    return {"jvp_cos": torch.cat(cos).mean().item(), "jac_norm_ratio": ratio.mean().item(),
-            "jac_norm_ratio_top10": ratio[top].mean().item(), "spectral_kl": torch.cat(kl).mean().item(),
-            "jvp_mse": torch.cat(mse).mean().item()}
-
-def diversity(features: torch.Tensor) -> float:
-    """DP-DMD Eq. 9: features (P prompts, N seeds, D) -> mean over prompts of
-    1 - mean pairwise cosine similarity between the N L2-normalised features (pairs i != j)."""
-    if features.ndim != 3 or features.shape[1] < 2:
-        raise ValueError(f"diversity needs features of shape (P, N >= 2, D), got {tuple(features.shape)}")
-    f = torch.nn.functional.normalize(features.float().flatten(2), dim=-1)
-    sim, n = f @ f.transpose(1, 2), f.shape[1]
-    mean_offdiag = (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
-    return (1 - mean_offdiag).mean().item()
 
 def bench_hook(use_gad: bool) -> None:
     """Called by each GAD file at the start of every --bench step; bench/gpu_cost.py replaces it to count per step."""

@@ -13,7 +13,7 @@ Equation map (equation numbers as in the paper; the forms follow its text and th
   Eq. 7 / Eq. 41 (diversity loss)            -> div_loss()
   Eq. 8   (L_DMD + lambda L_div, detach)      -> student_rollout(), train() step 3
   Eq. 39-40 (x0 targets, diffusion teacher)  -> Schedule.to_x0()
-  Eq. 9   (diversity metric)                 -> evaluate() via common.diversity
+  Eq. 9   (diversity metric)                 -> evaluate() via evaluate.diversity
   Alg. 1                                      -> train()
 
 Deviations (each also marked `# DEVIATION:` at its line):
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from evaluate import diversity, latent_features, load_features
 
 CFG_DEFAULT = {"sd3": 3.5, "sdxl": 8.0}  # Sec. 5.1 for SD3.5-M; DEVIATION: SDXL value from DMD2 (paper's lost)
 
@@ -90,7 +91,7 @@ class Args:
     seed: int = 0  # global seed (offset by rank)
     resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
     overwrite: bool = False  # start fresh in a non-empty --out (its files are replaced as the run writes them)
-    prompts: str = ""  # training prompts, one per line ('' = built-in list); the paper uses DiffusionDB
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin; paper: DiffusionDB
     sample_every: int = 500  # fixed-seed sample grid and loss curves every N steps
     eval: bool = True  # compute the Eq. 9 diversity metric
     eval_every: int = 500  # diversity metric every N steps
@@ -266,23 +267,6 @@ def sample(student, pipe, family, prompts, seeds, sch: Schedule, device) -> torc
     return torch.cat(out)
 
 
-@torch.no_grad()
-def features(x_lat, pipe, feat_model) -> torch.Tensor:
-    """Eq. 9 features: raw latents, or a vision model's pooled embedding of the decoded images."""
-    if feat_model is None:
-        return x_lat.flatten(1).float()
-    proc, enc = feat_model
-    img = ((common.decode(pipe, x_lat) + 1) / 2).clamp(0, 1).cpu()
-    px = proc(images=list(img), do_rescale=False, return_tensors="pt")["pixel_values"].to(x_lat.device)
-    if hasattr(enc, "get_image_features"):
-        f = enc.get_image_features(pixel_values=px)
-        f = f if torch.is_tensor(f) else f.pooler_output
-    else:
-        o = enc(pixel_values=px)
-        f = o.pooler_output if getattr(o, "pooler_output", None) is not None else o.last_hidden_state[:, 0]
-    return f.flatten(1).float()
-
-
 def fake_loss(student, fake, z, cond, sch: Schedule):
     """Fake-score update: the pretraining loss (v or eps regression) on noised sg(student samples), t ~ U[0, T]."""
     with torch.no_grad():
@@ -375,10 +359,7 @@ def train(args: Args, pipe=None) -> dict:
     student_d, fake_d = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     feat_model = None
     if args.eval and args.feature_model and dist.is_main:
-        from transformers import AutoImageProcessor, AutoModel
-
-        feat_model = (AutoImageProcessor.from_pretrained(args.feature_model),
-                      AutoModel.from_pretrained(args.feature_model).to(device).eval())
+        feat_model = load_features(args.feature_model, device)
     logger = common.Logger(args.out, args.steps, start, enabled=dist.is_main)
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
     metrics = {}
@@ -452,8 +433,8 @@ def evaluate(student, pipe, args, eval_prompts, sch, device, feat_model, amp) ->
     """Eq. 9 diversity of the student over eval_prompts x eval_seeds (fixed seeds)."""
     with amp():
         lat = sample(student, pipe, args.family, eval_prompts, range(args.eval_seeds), sch, device)
-    f = features(lat, pipe, feat_model)
-    return common.diversity(f.view(len(eval_prompts), args.eval_seeds, -1))
+    f = latent_features(pipe, lat, feat_model)
+    return diversity(f.view(len(eval_prompts), args.eval_seeds, -1))
 
 
 if __name__ == "__main__":

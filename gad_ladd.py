@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from evaluate import diversity, geometry_metrics
 
 FAMILY = "sd21"
 
@@ -109,7 +110,7 @@ class Args:
     ckpt_every: int = 1000  # checkpoint every N steps
     log_every: int = 10  # metrics.jsonl row every N steps
     eval: bool = False  # run the evaluation at the end
-    prompts: str = ""  # prompt file, one per line; '' = built-in list
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
     grad_ckpt: bool = False  # gradient checkpointing in the student (with GAD on, needs --gad-jvp fd)
     bench: int = 0  # >0: time N interleaved GAD/base steps on synthetic data, print ratios, exit
@@ -469,10 +470,10 @@ def evaluate(pipe, S, args, device, prompts) -> dict:
     (xT_te, y_te), (xS_te, _) = split(X_T, "test"), split(X_S, "test")
     acc = lambda clf, x: (clf(x) == y_te).float().mean().item()
     res = {"ident_teacher": acc(clf_T, xT_te), "ident_student": acc(clf_S, xS_te), "teacher_alignment": acc(clf_T, xS_te),
-           "diversity_student": common.diversity(X_S.flatten(2)), "diversity_teacher": common.diversity(X_T.flatten(2))}
+           "diversity_student": diversity(X_S.flatten(2)), "diversity_teacher": diversity(X_T.flatten(2))}
     n = min(4, K)  # geometry: first prompt, n seeds; central differences in fp32 for both maps
     cond, uncond = common.encode(pipe, FAMILY, [p_all[0]] * n, device)
-    geo = common.geometry_metrics(lambda z: student_x0(S, z, cond, ab, pt),
+    geo = geometry_metrics(lambda z: student_x0(S, z, cond, ab, pt),
                                   lambda z: teacher_sample(unet, z, cond, uncond, args.teacher_steps, args.cfg, ab, pt),
                                   z_k[:n], n_dirs=2, seed=args.seed, mode="fd", h=args.eval_fd_h)
     return {**res, **geo}

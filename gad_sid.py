@@ -76,6 +76,7 @@ from typing import Literal
 import torch
 
 import common
+from evaluate import diversity, geometry_metrics
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Args:
     log_every: int = 10  # steps between metrics.jsonl rows
     eval: bool = False  # at the end: geometry metrics vs the teacher and seed diversity
     eval_teacher_steps: int = 20  # teacher Euler steps for --eval (Table 3: 20)
-    prompts: str = ""  # prompt file, one per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     export: bool = True  # save the student as a SanaPipeline in out/pipeline at the end
     threads: int = 0  # CPU threads (0 = torch default or $CPU_THREADS)
     bench: int = 0  # > 0: time N interleaved SiD / SiD+GAD steps (2 warm-up pairs first), print the ratios, exit
@@ -490,7 +491,7 @@ def train(args: Args, pipe=None) -> dict:
 @torch.no_grad()
 def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
     """Geometry of the student's 4-step map z -> x0 (fresh noises held fixed) against the teacher's
-    multi-step ODE map (common.geometry_metrics, exact JVPs in fp32), and seed diversity of raw latents."""
+    multi-step ODE map (evaluate.geometry_metrics, exact JVPs in fp32), and seed diversity of raw latents."""
     cond, uncond = (to_dev(c) for c in encode(prompts))
     gen = torch.Generator().manual_seed(99)
     z = torch.randn(common.latent_shape(pipe, len(prompts)), generator=gen).to(device)
@@ -506,13 +507,13 @@ def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
         return teacher_sample(T, x, cond, uncond, args.cfg, args.eval_teacher_steps, shift)
 
     with torch.enable_grad():
-        geo = common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0, mode="exact")
+        geo = geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0, mode="exact")
     n = 4  # seeds per prompt
     c4, u4 = (to_dev(c) for c in encode([p for p in prompts for _ in range(n)]))
     z4 = torch.randn(common.latent_shape(pipe, n * len(prompts)), generator=gen).to(device)
     xs = rollout(student, z4, c4, args.t_gen, K, generator=gen)
     xt = teacher_sample(T, z4, c4, u4, args.cfg, args.eval_teacher_steps, shift)
-    div = {f"diversity_{k}": common.diversity(x.view(len(prompts), n, -1)) for k, x in (("student", xs), ("teacher", xt))}
+    div = {f"diversity_{k}": diversity(x.view(len(prompts), n, -1)) for k, x in (("student", xs), ("teacher", xt))}
     return {**{f"eval_{k}": v for k, v in geo.items()}, **div}
 
 

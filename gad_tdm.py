@@ -109,6 +109,7 @@ from typing import Literal
 import torch
 
 import common
+from evaluate import diversity, geometry_metrics, latent_features, load_features
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ class Args:
     steps: int = 2000  # training iterations (Table 11)
     batch_size: int = 64  # global batch (Table 11), split across ranks
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
-    prompts: str = ""  # text file, one prompt per line ('' = built-in list)
+    prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     out: str = "runs/gad_tdm"  # output directory
     seed: int = 0  # global seed (offset by rank)
     resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
@@ -507,7 +508,7 @@ def bench(args, step_fn, device):
 
 
 def evaluate(args, pipe, teacher, student, abar, prompts, device) -> dict:
-    """Geometry metrics (common.geometry_metrics, exact JVPs in fp32) of the student's 4-step map z -> x0 against
+    """Geometry metrics (evaluate.geometry_metrics, exact JVPs in fp32) of the student's 4-step map z -> x0 against
     the teacher's --eval-teacher-steps DDIM map with CFG, on fixed prompts and directions; and the diversity
     metric (DP-DMD Eq. 9) over --eval-seeds seeds per prompt."""
     P = min(4, len(prompts))
@@ -518,31 +519,16 @@ def evaluate(args, pipe, teacher, student, abar, prompts, device) -> dict:
     phi_t = lambda x: teacher_sample(teacher, x, cond, null, args.cfg, args.eval_teacher_steps, abar)
     with torch.no_grad():
         x_s, x_t = phi_s(z), phi_t(z)
-    out = common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)
+    out = geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)
     out["pointwise_mse"] = (x_s - x_t).pow(2).mean().item()
     N = args.eval_seeds
     zs = torch.randn(common.latent_shape(pipe, P * N), generator=g).to(device)
     with torch.no_grad():
         x = sample(student, zs, common.select(cond, torch.arange(P).repeat_interleave(N)), args.timesteps, abar)
-        out["diversity"] = common.diversity(features(args, pipe, x, device).view(P, N, -1))
+        feat = load_features(args.feature_model, device) if args.feature_model else None
+        out["diversity"] = diversity(latent_features(pipe, x, feat).view(P, N, -1))
     common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out
-
-
-@torch.no_grad()
-def features(args, pipe, latents, device):
-    """Raw latents, or the pooled image embedding of --feature-model (e.g. a CLIP or DINO checkpoint)."""
-    if not args.feature_model:
-        return latents.flatten(1)
-    from transformers import AutoImageProcessor, AutoModel
-
-    model = AutoModel.from_pretrained(args.feature_model).to(device).eval()
-    proc = AutoImageProcessor.from_pretrained(args.feature_model)
-    images = ((common.decode(pipe, latents) + 1) / 2).clamp(0, 1)
-    inputs = proc(images=list(images.cpu()), return_tensors="pt", do_rescale=False).to(device)
-    if hasattr(model, "get_image_features"):
-        return model.get_image_features(**inputs)
-    return model(**inputs).pooler_output
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Huang et al., "Restoring Initial Noise Sensitivity in Text-to-Image Distillation
 ICML 2026, arXiv 2606.01651. A v-prediction MLP teacher learns the 2D Swiss roll (40-step DDIM sampler). K-step
 students start from the teacher and regress its states at their timesteps, from a pool of precomputed teacher
 trajectories (teacher forcing); GAD adds Eq. 6 at the student's inputs x, with x' = x + h v.
-Equation map: Eq. 5-6 -> response(), gad_loss(); Eq. 7 -> distil(); Table 1 -> common.geometry_metrics.
+Equation map: Eq. 5-6 -> response(), gad_loss(); Eq. 7 -> distil(); Table 1 -> evaluate.geometry_metrics.
 --gad-form paper: Eq. 6 as printed, differences ~ h J v not divided by h, so the term scales as lambda h^2 (at the
 paper's h = 1e-2, lambda = 1: inert here). --gad-form jvp (default): divided by h, a finite-difference JVP match
 (as the released code does). --jvp exact: h J v by forward-mode AD instead of differences.
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import common
+from evaluate import geometry_metrics
 
 
 @dataclass
@@ -203,7 +204,7 @@ def run_seed(args, seed, dev):
     rows = {n: dict(off=off[n].float().mean().item(), new_off=(off[n] & ~off["teacher"]).float().mean().item(),
                     sw=sliced_wasserstein(samples[n], samples["teacher"])) for n in maps}
     for n in students:
-        rows[n].update(common.geometry_metrics(maps[n], phi_t, z[:1000], n_dirs=4, seed=seed))
+        rows[n].update(geometry_metrics(maps[n], phi_t, z[:1000], n_dirs=4, seed=seed))
     times["eval"] = time.time() - t0
     for n in set(rows) & set(times):
         rows[n]["time_s"] = times[n]

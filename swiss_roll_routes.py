@@ -38,6 +38,7 @@ import torch
 
 import common
 import swiss_roll as sr
+from evaluate import geometry_metrics
 
 ROUTES = ("xtau", "released", "response")
 
@@ -171,7 +172,7 @@ def evaluate(teacher, student, K, z, data, samples_t, off_t, args, seed):
     off = sr.dist_to_curve(x) > args.off_threshold
     row = dict(off=off.float().mean().item(), new_off=(off & ~off_t).float().mean().item(),
                sw=sr.sliced_wasserstein(x, samples_t))
-    row.update(common.geometry_metrics(phi_s, phi_t, z[:1000], n_dirs=4, seed=seed))
+    row.update(geometry_metrics(phi_s, phi_t, z[:1000], n_dirs=4, seed=seed))
     return row, x
 
 

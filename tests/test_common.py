@@ -1,6 +1,5 @@
-"""Unit tests of common.py: CLI, checkpoints and exact resume, tiny families, export, fail-fast loading, metrics."""
+"""Unit tests of common.py: CLI, checkpoints, exact resume, tiny families, export, fail-fast loading (metrics: test_evaluate)."""
 import dataclasses
-import math
 import os
 import time
 from types import SimpleNamespace
@@ -147,48 +146,6 @@ def test_unreachable_model_fails_fast_with_clear_message(monkeypatch, tmp_path):
     assert time.time() - t0 < 10
     assert "no-such-org/no-such-model" in str(e.value) and "--model" in str(e.value)
     assert "hf download" in str(e.value) and "huggingface-cli" not in str(e.value)  # the CLI current hubs install
-
-
-def _identity(z):
-    return z
-
-
-def test_geometry_metrics_on_maps_with_known_jacobians():
-    z = torch.randn(64, 2)
-    same = common.geometry_metrics(_identity, _identity, z, n_dirs=3)
-    assert same["jvp_cos"] == pytest.approx(1.0, abs=1e-6) and same["jac_norm_ratio"] == pytest.approx(1.0, abs=1e-6)
-    assert same["spectral_kl"] == pytest.approx(0.0, abs=1e-6) and same["jvp_mse"] == pytest.approx(0.0, abs=1e-12)
-    scaled = common.geometry_metrics(lambda x: 2.0 * x, _identity, z, n_dirs=3)
-    assert scaled["jvp_cos"] == pytest.approx(1.0, abs=1e-6) and scaled["jac_norm_ratio"] == pytest.approx(2.0, abs=1e-5)
-    assert scaled["jac_norm_ratio_top10"] == pytest.approx(2.0, abs=1e-5) and scaled["spectral_kl"] == pytest.approx(0, abs=1e-6)
-    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])  # 90 degrees: every response is orthogonal to the teacher's
-    rotated = common.geometry_metrics(lambda x: x @ rot.T, _identity, z, n_dirs=3)
-    assert rotated["jvp_cos"] == pytest.approx(0.0, abs=1e-6) and rotated["jac_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
-    # same seeded directions: ||Rv - v||^2 = 2||v||^2 while ||2v - v||^2 = ||v||^2
-    assert rotated["jvp_mse"] == pytest.approx(2 * scaled["jvp_mse"], rel=1e-5)
-    # non-linear maps: exact forward-mode JVP and the central difference agree
-    f = lambda x: torch.sin(3 * x) + x.pow(2)
-    exact = common.geometry_metrics(f, _identity, z, n_dirs=2, mode="exact")
-    fd = common.geometry_metrics(f, _identity, z, n_dirs=2, mode="fd", h=1e-3)
-    assert fd["jvp_cos"] == pytest.approx(exact["jvp_cos"], abs=1e-4)
-
-
-def test_geometry_metrics_on_images_and_spectral_kl_sees_blur():
-    z = torch.randn(4, 3, 16, 16)
-    blur = torch.nn.AvgPool2d(3, stride=1, padding=1)
-    m = common.geometry_metrics(blur, _identity, z, n_dirs=2)
-    assert m["spectral_kl"] > 0.05 and m["jac_norm_ratio"] < 0.7 and 0 < m["jvp_cos"] < 1
-
-
-def test_diversity_metric():
-    same = torch.ones(2, 5, 7)
-    assert common.diversity(same) == pytest.approx(0.0, abs=1e-6)
-    ortho = torch.eye(4).expand(3, 4, 4)
-    assert common.diversity(ortho) == pytest.approx(1.0, abs=1e-6)
-    a = torch.tensor([[[1.0, 0.0], [math.cos(1.0), math.sin(1.0)]]])  # one prompt, two seeds at angle 1 rad
-    assert common.diversity(a) == pytest.approx(1 - math.cos(1.0), abs=1e-6)
-    with pytest.raises(ValueError):
-        common.diversity(torch.ones(2, 1, 3))
 
 
 def test_check_finite_names_step_and_term():

@@ -255,16 +255,19 @@ def test_export_reloads_and_reproduces_student_sampler(pipes, tmp_path, family):
 
 
 def test_eq9_features_from_a_vision_model(pipes, tmp_path):
-    from transformers import AutoImageProcessor, AutoModel, ViTConfig, ViTImageProcessor, ViTModel
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    import evaluate
 
     torch.manual_seed(0)
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=32)).save_pretrained(tmp_path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    fm = (AutoImageProcessor.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path).eval())
+    fm = evaluate.load_features(str(tmp_path), "cpu")  # the --feature-model path: transformers' Auto classes
     lat = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(6))
-    f = dpdmd.features(torch.cat([lat, lat[:1].expand(3, -1, -1, -1)]), pipes["sd3"], fm)
+    f = evaluate.latent_features(pipes["sd3"], torch.cat([lat, lat[:1].expand(3, -1, -1, -1)]), fm)
     assert f.shape == (6, 16)
-    div = common.diversity(f.view(2, 3, 16))  # prompt 0: three different samples; prompt 1: one sample thrice
-    assert common.diversity(f[:3].unsqueeze(0)) > 1e-4 and common.diversity(f[3:].unsqueeze(0)) == pytest.approx(0, abs=1e-5)
-    assert div == pytest.approx(common.diversity(f[:3].unsqueeze(0)) / 2, abs=1e-5)
+    div = evaluate.diversity(f.view(2, 3, 16))  # prompt 0: three different samples; prompt 1: one sample thrice
+    one = evaluate.diversity(f[:3].unsqueeze(0))
+    assert one > 1e-4 and evaluate.diversity(f[3:].unsqueeze(0)) == pytest.approx(0, abs=1e-5)
+    assert div == pytest.approx(one / 2, abs=1e-5)

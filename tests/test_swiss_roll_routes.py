@@ -97,6 +97,6 @@ def test_fast_run_response_moves_the_jvp_cosine_and_xtau_does_not():
         torch.manual_seed(1)  # the same batches and noises for every route
         student = rr.distil(teacher, init, args, 1, route, args.iters)["student"]
         phi_s = lambda y, s=student: rr.sr.sample(s, y, rr.sr.TEACHER_TS[::40])
-        cos[route] = rr.common.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)["jvp_cos"]
+        cos[route] = rr.geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0)["jvp_cos"]
     moved = {r: abs(cos[r] - cos[""]) for r in ("xtau", "response")}
     assert moved["response"] > 3 * moved["xtau"] and moved["response"] > 1e-3, cos
