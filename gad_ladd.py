@@ -525,6 +525,7 @@ def train(args) -> dict:
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)
     pt, ab = pipe.scheduler.config.prediction_type, pipe.scheduler.alphas_cumprod.to(device)
     prompts = common.read_prompts(args.prompts)
+    common.cache_prompts(pipe, FAMILY, prompts, device)  # each prompt encoded once; the text encoder leaves the GPU
     to_x0_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), pt)  # fails loudly on an unsupported prediction type
     unet = pipe.unet  # frozen teacher: data-stage sampler and discriminator backbone (never updated)
 

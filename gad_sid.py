@@ -343,16 +343,10 @@ def train(args: Args, pipe=None) -> dict:
         start = common.load_checkpoint(ckpt_path, {"student": student, "fake": fake}, {"g": opt_g, "f": opt_f})["step"]
     G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
 
-    # prompts: embeddings cached on the CPU for lists up to 512 prompts
+    # prompts: each encoded once, embeddings on the CPU, the Gemma encoder off the GPU (common.cache_prompts)
     prompts = common.read_prompts(args.prompts)
-    cache = pipe.__dict__.setdefault("_prompt_cache", {})  # survives in-process reruns on the same pipe (tests)
-
-    def encode(batch):
-        if len(prompts) > 512:
-            return common.encode(pipe, "sana", batch, device)
-        for p in sorted(set(batch) - cache.keys()):
-            cache[p] = tuple({k: v.cpu() for k, v in c.items()} for c in common.encode(pipe, "sana", [p], device))
-        return tuple(common.cat(*[cache[p][j] for p in batch]) for j in (0, 1))
+    common.cache_prompts(pipe, "sana", prompts, device)
+    encode = lambda batch: common.encode(pipe, "sana", batch, device)
 
     def to_dev(c):  # fp32 embeddings: the fp32 finite-difference forwards run outside autocast
         return common.cast({k: v.to(device) for k, v in c.items()}, torch.float32)

@@ -305,6 +305,7 @@ def train(args: Args) -> dict:
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
     prompts = common.read_prompts(args.prompts)
+    common.cache_prompts(pipe, "pixart", prompts, device)  # each prompt encoded once; the T5 encoder leaves the GPU
     encode = lambda ps: [common.cast(c, torch.float32) for c in common.encode(pipe, "pixart", ps, device)]  # fp32 nets
     null = common.select(encode([""])[0], torch.zeros(B, dtype=torch.long, device=device))
     opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)

@@ -1,0 +1,100 @@
+"""Tests of the fitting plumbing in common.py (issue 15 part B): LoRA (gradient routing, both exports reload to the
+student's output, exact resume), the prompt-embedding cache (one encoder run per distinct prompt, identical rows,
+encoders moved off the compute device) and the memory plan (gad_tdm's default refused on 141 GB, the suggestion fits)."""
+import copy
+import os
+
+import pytest
+import torch
+
+import common
+import dpdmd
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    common.seed_everything(0)
+    return common.load_pipeline("sd3", "tiny-sd3")
+
+
+def _out(net, x, t, c):
+    return net(x, timestep=t, **c, return_dict=False)[0]
+
+
+def test_lora_trains_only_adapters_and_both_exports_reload(sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    teacher = sd3.transformer
+    student = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), 4)
+    params = common.trainable(student)
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert params and all("lora_" in n for n in names)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} >= {"to_q", "add_q_proj"}  # both MMDiT streams
+    base = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    x, t = torch.randn(common.latent_shape(sd3, 2), generator=torch.Generator().manual_seed(0)), torch.tensor([700., 300.])
+    c, _ = common.encode(sd3, "sd3", ["a red fox", "a lighthouse"], "cpu")
+    with torch.no_grad():  # B = 0 at init: the student starts as the teacher
+        torch.testing.assert_close(_out(student, x, t, c), _out(teacher, x, t, c), atol=0, rtol=0)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    _out(student, x, t, c).pow(2).mean().backward()
+    assert all((p.grad is not None) == p.requires_grad for p in student.parameters())  # gradients reach adapters only
+    opt.step()
+    assert len(opt.state) == len(params) and all(torch.equal(base[n], p) for n, p in student.named_parameters()
+                                                 if n in base)  # optimiser state only for adapters; base unchanged
+    student.eval()
+    with torch.no_grad():
+        ours = _out(student, x, t, c)
+    assert (ours - _out(teacher, x, t, c)).abs().max() > 1e-3  # the adapters moved the output
+    common.export_pipeline(sd3, student, str(tmp_path / "pipeline"))
+    merged = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "pipeline")).transformer  # a stock model
+    assert not any("lora" in k for k in merged.state_dict())
+    fresh = common.load_pipeline("sd3", "tiny-sd3")  # the base pipeline, as a user has it
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        for net in (merged, fresh.transformer):
+            torch.testing.assert_close(_out(net, x, t, c), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_resume_is_exact(sd3, tmp_path):
+    base = dict(family="sd3", model="tiny-sd3", batch_size=2, fake_updates_per_student=1, lr=1e-3, eval=False,
+                sample_every=0, export=False, ckpt_every=100, lora_rank=2)
+    dpdmd.train(dpdmd.Args(out=str(tmp_path / "a"), steps=2, **base), pipe=sd3)
+    dpdmd.train(dpdmd.Args(out=str(tmp_path / "b"), steps=1, **base), pipe=sd3)
+    dpdmd.train(dpdmd.Args(out=str(tmp_path / "b"), steps=2, resume="latest", **base), pipe=sd3)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("a", "b"))
+    lora = [k for k in a["models"]["student"] if "lora_" in k]
+    assert lora and all(torch.equal(a["models"]["student"][k], b["models"]["student"][k]) for k in a["models"]["student"])
+    assert len(a["optimizers"]["student"]["state"]) == len(lora)  # AdamW state for the adapters only
+    with pytest.raises(common.UsageError, match="--lora-rank"):  # another rank is another experiment
+        dpdmd.train(dpdmd.Args(out=str(tmp_path / "b"), steps=3, resume="latest", **{**base, "lora_rank": 4}), pipe=sd3)
+
+
+def test_prompt_cache_encodes_once_and_moves_encoders_off(sd3, monkeypatch):
+    pipe = copy.copy(sd3)  # same modules, its own prompt_cache attribute
+    pipe.__dict__.pop("prompt_cache", None)
+    rows, moved = [], []
+    hook = pipe.text_encoder_3.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    monkeypatch.setattr(pipe.text_encoder_3, "to", lambda *a, **k: moved.append(a) or torch.nn.Module.to(
+        pipe.text_encoder_3, *a, **k))
+    try:
+        prompts = ["a red fox", "a cat", "a red fox", "a lighthouse", "a cat"]
+        direct = common.encode(pipe, "sd3", ["a cat", "a red fox", "a cat"], "cpu")
+        rows.clear()
+        assert common.cache_prompts(pipe, "sd3", prompts, "cpu", batch=2)
+        assert sum(rows) == 2 * 3 and moved == [("cpu",)]  # 3 distinct prompts (+ their empty negatives), then off
+        rows.clear()
+        cached = common.encode(pipe, "sd3", ["a cat", "a red fox", "a cat"], "cpu")
+        assert rows == []  # a lookup: no encoder run
+        for d, e in zip(direct, cached):
+            for k in d:
+                assert torch.equal(d[k], e[k])
+        common.encode(pipe, "sd3", ["unseen", "unseen"], "cpu")  # a miss: encoded once, where the encoder now is
+        assert sum(rows) == 2 and "unseen" in pipe.prompt_cache["rows"]
+        other = copy.copy(sd3)
+        other.__dict__.pop("prompt_cache", None)
+        monkeypatch.setattr(common, "PROMPT_CACHE_GB", 1e-9)  # a prompt set too large to cache: nothing changes
+        moved.clear()
+        assert not common.cache_prompts(other, "sd3", prompts, "cpu") and not hasattr(other, "prompt_cache")
+        assert moved == []
+    finally:
+        hook.remove()
