@@ -2,7 +2,6 @@
 student's output, exact resume), the prompt-embedding cache (one encoder run per distinct prompt, identical rows,
 encoders moved off the compute device) and the memory plan (gad_tdm's default refused on 141 GB, the suggestion fits)."""
 import copy
-import os
 
 import pytest
 import torch
