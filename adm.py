@@ -499,6 +499,8 @@ def train_stage(args: Args) -> dict:
     common.require(len(args.cfg_range) == 2 and args.cfg_range[0] <= args.cfg_range[1],
                    f"argument --cfg-range: need two values lo <= hi, got {args.cfg_range}")
     dist = common.init_distributed(args.device)
+    common.check_memory(replace(args, lora_rank=64 if args.lora_rank < 0 and family == "sd3" else max(args.lora_rank, 0),
+                                model=model), "adm", family, dist.world_size)  # the plan on rank 0
     common.set_cpu_threads(args.threads)
     dev, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same (tiny, random) models on every rank; data seeds get the rank offset below

@@ -675,6 +675,74 @@ def export_lora(pipe, student: torch.nn.Module, out_dir: str) -> str:
     return out_dir
 
 
+# ==== Memory plan, printed on rank 0 before anything big loads (README "Fitting on a GPU"). Weights, gradients and
+# AdamW states from the real-size configs' parameter counts (meta device); activations per sample calibrated on
+# bench/gpu_cost.py's modelled peaks (notes/GPU_COST.md: (peak - static) / batch at the paper's batch, default GAD).
+# Per (file, family): (random variant, teacher bytes/param, trainable copies, activation GiB/sample, --grad-ckpt
+# factor on activations: dpdmd's and gad_ladd's are modelled, the others assumed 0.25).
+MEMORY = {("gad_tdm", "pixart"): ("pixart", 4, 2, (161 - 29.5) / 64, 0.25),
+          ("gad_sid", "sana"): ("sana", 4, 2, (53.2 - 25.9) / 8, 0.25),
+          ("gad_ladd", "sd21"): ("sd21", 4, 1, (259 - 18.3) / 64, (82.6 - 18.3) / (259 - 18.3)),
+          ("dpdmd", "sd3"): ("sd35m", 2, 2, (284 - 84.1) / 4, (97 - 84.1) / (284 - 84.1)),
+          ("adm", "sd3"): ("sd3m", 2, 2, (133.5 - 77.0) / 4, 0.25)}
+GIB = 2**30
+
+@functools.lru_cache(maxsize=None)
+def _counts(family: str, variant: str, rank: int) -> tuple:
+    """(parameters, LoRA adapter parameters at `rank`) of the real-size denoiser, counted on the meta device."""
+    net = random_denoiser(family, device="meta", model="random-" + variant)
+    lora = sum(rank * (m.in_features + m.out_features) for n, m in net.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in LORA_TARGETS))
+    return sum(p.numel() for p in net.parameters()), lora
+
+def memory_plan(args, file: str, family: str, world_size: int = 1) -> dict:
+    """Expected peak GiB per GPU for these flags (read with getattr: --batch-size per GPU, --grad-ckpt, --fsdp,
+    --offload, --lora-rank), text encoders off the GPU (cache_prompts). FSDP shards weights, gradients and states over
+    the ranks; --offload keeps them on the CPU. LoRA: the student's base stays (fp32, frozen), 16 bytes per adapter
+    parameter. --grad-accum changes no peak (one micro-batch at a time)."""
+    variant, teacher_bytes, copies, act, ckpt = MEMORY[(file, family)]
+    rank = max(getattr(args, "lora_rank", 0), 0)
+    P, P_lora = _counts(family, variant, rank)
+    trainable = copies * 16 * P if not rank else (copies - 1) * 16 * P + 4 * P + 16 * P_lora  # LoRA: student only
+    shard = 0 if getattr(args, "offload", False) else 1 / world_size if getattr(args, "fsdp", False) else 1
+    plan = {"weights_and_states": (teacher_bytes * P + trainable) * shard / GIB,
+            "activations": act * getattr(args, "batch_size", 1) * (ckpt if getattr(args, "grad_ckpt", False) else 1)}
+    plan["peak"] = sum(plan.values())
+    return plan
+
+def check_memory(args, file: str, family: str, world_size: int = 1, device_gib: float | None = None) -> dict | None:
+    """Print the plan on rank 0 and raise UsageError, naming flags that fit, when it passes the device's memory
+    (`device_gib`; default: torch.cuda.get_device_properties, no CUDA -> print only). Tiny models: nothing."""
+    model = getattr(args, "model", "") or ""
+    if is_tiny(model) or (file, family) not in MEMORY:
+        return None
+    if device_gib is None and torch.cuda.is_available():
+        device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    plan = memory_plan(args, file, family, world_size)
+    print0(f"memory plan per GPU ({file}, batch {getattr(args, 'batch_size', 1)}, world {world_size}): "
+           + ", ".join(f"{k} {v:.1f} GiB" for k, v in plan.items()) + (f" of {device_gib:.1f}" if device_gib else ""))
+    if device_gib is None or plan["peak"] <= 0.97 * device_gib:
+        return plan
+    fits = [flags for flags, over in _fitting(args, world_size)
+            if memory_plan(SimpleNamespace(**{**vars(args), **over}), file, family, world_size)["peak"] <= 0.97 * device_gib]
+    raise UsageError(f"the memory plan ({plan['peak']:.0f} GiB per GPU) exceeds this GPU ({device_gib:.0f} GiB): "
+                     + (f"add {' or '.join(fits[:3])}" if fits else "no flag combination fits; use more GPUs with --fsdp"))
+
+def _fitting(args, world_size: int) -> list:
+    """Candidate flag sets, least change first: gradient checkpointing; the same global batch in smaller micro-batches;
+    LoRA; sharding."""
+    b, out = getattr(args, "batch_size", 1), []
+    out.append(("--grad-ckpt", {"grad_ckpt": True}))
+    for m in (d for d in range(b - 1, 0, -1) if b % d == 0):
+        out.append((f"--batch-size {m} --grad-accum {b // m}", {"batch_size": m, "grad_accum": b // m}))
+    if hasattr(args, "lora_rank") and args.lora_rank == 0:
+        out.append(("--lora-rank 64", {"lora_rank": 64}))
+    if world_size > 1:
+        out.append(("--fsdp", {"fsdp": True}))
+    out.append(("--fsdp --offload --grad-ckpt", {"fsdp": True, "offload": True, "grad_ckpt": True}))
+    return out
+
+
 # Tiny tokenizers: byte-level alphabets, no download. Their sizes stay above the 200-token check.
 
 def _bytes_alphabet() -> list:

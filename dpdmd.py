@@ -329,6 +329,7 @@ def train(args: Args, pipe=None) -> dict:
                                  model_ids={"--feature-model": args.feature_model * args.eval})
     check_args(args)
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "dpdmd", args.family, dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, flow = dist.device, args.family == "sd3"
     common.set_cpu_threads(args.threads)
     dtype = common.resolve_dtype(args.dtype, device)

@@ -515,6 +515,7 @@ def train(args) -> dict:
                                  own=("data",), safe=("stage",))
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "gad_ladd", FAMILY, dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 finite differences need real fp32 (TF32 has a 10-bit mantissa)
     torch.backends.cudnn.allow_tf32 = False

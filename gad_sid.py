@@ -323,6 +323,7 @@ def train(args: Args, pipe=None) -> dict:
     if dtype == torch.float16:
         raise common.UsageError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
     common.seed_everything(args.seed, dist.rank)
+    common.check_memory(args, "gad_sid", "sana", dist.world_size)  # the plan on rank 0; refused if it cannot fit
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
 

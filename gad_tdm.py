@@ -287,6 +287,7 @@ def train(args: Args) -> dict:
                    f"argument --timesteps: must decrease strictly, got {args.timesteps}")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "gad_tdm", "pixart", dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.set_cpu_threads(args.threads)
     common.seed_everything(args.seed, dist.rank)

@@ -97,3 +97,24 @@ def test_prompt_cache_encodes_once_and_moves_encoders_off(sd3, monkeypatch):
         assert moved == []
     finally:
         hook.remove()
+
+
+def test_memory_plan_refuses_gad_tdm_default_on_141gb_and_its_suggestion_fits():
+    import re
+    from types import SimpleNamespace
+
+    import gad_tdm
+
+    args = gad_tdm.Args(model="random")  # the paper's per-GPU batch 64 on one GPU
+    plan = common.memory_plan(args, "gad_tdm", "pixart")
+    assert 140.4 < plan["peak"] < 161  # gpu_cost: 161 GiB with T5 on the GPU; the cache takes T5's 8.9 GiB off
+    with pytest.raises(common.UsageError, match="--grad-ckpt") as e:
+        common.check_memory(args, "gad_tdm", "pixart", device_gib=140.4)
+    flags = re.search(r"add (--[^\n]*?)(?: or |$)", str(e.value)).group(1).split()
+    over = {f[2:].replace("-", "_"): (int(v) if v.isdigit() else True) for f, v in zip(flags, flags[1:] + ["--"])
+            if f.startswith("--")}
+    assert common.memory_plan(SimpleNamespace(**{**vars(args), **over}), "gad_tdm", "pixart")["peak"] <= 0.97 * 140.4
+    # gpu_cost's other figure: batch 8 per GPU models 47.0 GiB with T5 (8.9 GiB) on the GPU
+    assert abs(common.memory_plan(SimpleNamespace(batch_size=8), "gad_tdm", "pixart")["peak"] + 8.9 - 47.0) < 1.5
+    small = common.memory_plan(SimpleNamespace(batch_size=4, lora_rank=64), "adm", "sd3")["weights_and_states"]
+    assert small < common.memory_plan(SimpleNamespace(batch_size=4, lora_rank=0), "adm", "sd3")["weights_and_states"] - 20
