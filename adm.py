@@ -26,12 +26,14 @@ Where the paper is silent, we chose (marked `# SILENT:` in the code)
   5. ADP: 2048 pairs, 25 teacher steps, CFG 7 for the pairs; latent D real/fake share t' with independent noises;
      pixel D resizes to the encoder's input size and uses its mean/std. TTUR k: k fake updates, then one G and one D.
   6. Recipe: constant lr, no warm-up, no EMA (--lr-schedule, --lr-warmup, --ema-decay offer them; the EMA is exported).
+  7. LoRA (SD3-M, Table 2; rank, alpha and targets unstated): rank 64, alpha = rank, the attention projections of
+     both MMDiT streams (common.LORA_TARGETS).
 Deviations
   - Eq. 9 prints +λ2 D_τ2(x̃0) for the generator, which would make fakes look fake: we use -λ2 D_τ2 (sign typo).
   - ADP, DDPM teachers (SDXL): the paper switches the target to the pair velocity without saying how an ε-UNet does
     it. We keep ε: input = the pair's interpolation at the SNR of t at the UNet's scale, x_t = α_t x0 + σ_t z (for flow
     models exactly (1-t) x0 + t z); ε predicts the pair noise z, i.e. the velocity z - x0 by a fixed conversion.
-  - SD3-M is LoRA-tuned in the paper; we tune all weights with plain DDP (no FSDP / CPU offload).
+  - SD3-M: LoRA on G as the paper (Table 2), fake score fully tuned (paper silent; --lora-rank acts on G only).
   - Diversity: evaluate.diversity (1 - mean pairwise cosine) on 32x32 decoded pixels, not LPIPS (Table 6).
 
 Commands
@@ -87,6 +89,7 @@ class Args:
     pair_cfg: float = 7.0  # ADP: teacher CFG for the pairs (paper silent)
     shard_size: int = 64  # ADP: pairs per shard file (resumable)
     init: str = ""  # start the generator from this ckpt.pt (dmdx sets it to the ADP checkpoint)
+    lora_rank: int = -1  # LoRA rank of G (common.add_lora); 0 = all weights; -1 = the paper's: 64 for sd3, 0 for sdxl
     # --- run / system ---
     model: str = ""  # hub id, local dir, 'tiny' or 'random' (real size); '' = the family's default (SD3-Medium, SDXL-Base)
     out: str = "runs/adm"  # output directory
@@ -464,7 +467,7 @@ def sample_grid(M, prompts, family, dev, path, evaluate=True, n_seeds=4):
 # valid ranges of the numeric flags (common.RANGES covers steps, lr, periods, ...): checked before any model loads
 RANGES = {"gen_steps": ">= 0", "lr_g": ">= 0", "ttur": ">= 1", "cfg_range": ">= 0", "ode_dt": "(0, 1)",
           "head_channels": ">= 1", "lambda_latent": ">= 0", "lambda_pixel": ">= 0", "pixel_layers": ">= 1", "pairs": ">= 1",
-          "pair_cfg": ">= 0", "shard_size": ">= 1"}
+          "pair_cfg": ">= 0", "shard_size": ">= 1", "lora_rank": ">= -1"}
 
 
 def train(args: Args) -> dict:
@@ -501,6 +504,8 @@ def train_stage(args: Args) -> dict:
     common.require(len(args.cfg_range) == 2 and args.cfg_range[0] <= args.cfg_range[1],
                    f"argument --cfg-range: need two values lo <= hi, got {args.cfg_range}")
     dist = common.init_distributed(args.device)
+    common.check_memory(replace(args, lora_rank=64 if args.lora_rank < 0 and family == "sd3" else max(args.lora_rank, 0),
+                                model=model), "adm", family, dist.world_size)  # the plan on rank 0
     common.set_cpu_threads(args.threads)
     dev, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same (tiny, random) models on every rank; data seeds get the rank offset below
@@ -512,7 +517,8 @@ def train_stage(args: Args) -> dict:
     M = type("Models", (), dict(pipe=pipe, teacher=teacher, shape=common.latent_shape(pipe, args.batch_size)))()
     M.sch = Schedule(family, export_scheduler(pipe, family), args.ode_dt)
     M.ts, M.ac = M.sch.gen_timesteps(N).to(dev), lambda: common.autocast(dev, dtype)
-    M.G_u = copy.deepcopy(teacher).float().requires_grad_(True).train()
+    lora_rank = args.lora_rank if args.lora_rank >= 0 else (64 if family == "sd3" else 0)  # SILENT 6 (Table 2, B.5)
+    M.G_u = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), lora_rank)
     M.taps = Taps(teacher, family)
     c0, _ = common.encode(pipe, family, [""], dev)
     with torch.no_grad():
@@ -524,7 +530,7 @@ def train_stage(args: Args) -> dict:
             M.pixel = PixelEncoder(enc, args.pixel_layers, dev)
             pix_ch = [f.shape[1] for f in M.pixel(torch.zeros(1, 3, 64, 64, device=dev))]
     M.D_u = Discriminator(lat_ch, pix_ch, args.head_channels).to(dev)
-    adamw = lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=tuple(args.betas), weight_decay=0.0)
+    adamw = lambda m, lr: torch.optim.AdamW(common.trainable(m), lr=lr, betas=tuple(args.betas), weight_decay=0.0)
     models, M.opt = {"G": M.G_u, "D": M.D_u}, {"G": adamw(M.G_u, lr_g), "D": adamw(M.D_u, args.lr_d)}
     if args.stage == "adm":
         M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train()
@@ -544,6 +550,7 @@ def train_stage(args: Args) -> dict:
     M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
     M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
     prompts = common.read_prompts(args.prompts)
+    common.cache_prompts(pipe, family, prompts, dev)  # each prompt encoded once; the text encoders leave the GPU
     if args.stage == "adp":  # pairs live in a directory named by the settings that made them
         key = "|".join(map(str, [model, args.pairs, args.shard_size, args.pair_steps, args.pair_cfg, args.seed, *prompts]))
         pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])

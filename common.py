@@ -291,7 +291,8 @@ def make_ema(model: torch.nn.Module, decay: float):
 RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0", "lr_warmup": ">= 0", "lr_*": "> 0",
           "*_lr": "> 0", "ema_decay": "[0, 1)", "seed": ">= 0", "seeds": ">= 1", "threads": ">= 0", "bench": ">= 0",
           "*_weight": ">= 0", "weight_decay": ">= 0", "grad_clip": "> 0", "clip": "> 0", "betas": "[0, 1)",
-          "eval_seeds": ">= 2", "*_steps": ">= 1"}
+          "eval_seeds": ">= 2", "*_steps": ">= 1",
+          "lora_rank": ">= 0"}
 RUN_LOCAL = ("out", "resume", "overwrite", "device", "threads", "bench")  # never compared, never taken from a checkpoint
 SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt",
                   "grad_checkpointing", "lr", "lr_*", "*_lr")
@@ -687,10 +688,13 @@ def load_pipeline(family: str, model: str, dtype: torch.dtype = torch.float32, d
 def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None, call: dict | None = None) -> str:
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
     `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model. `call`: the student's __call__ settings
-    (num_inference_steps, guidance_scale, ...), written to call.json for evaluate.py."""
+    (num_inference_steps, guidance_scale, ...), written to call.json for evaluate.py. A LoRA student is merged into a
+    stock denoiser, and its adapters are also written to <out_dir>/../lora for `pipe.load_lora_weights` (export_lora)."""
     import copy
     components = dict(pipe.components)
     net = copy.deepcopy(unwrap(student))
+    if has_lora(net):  # a stock model: W + (alpha/r) B A folded into W, the peft layers removed
+        merge_lora(net)
     components[pipe.denoiser_name] = net.to(dtype=pipe.dtype) if net.dtype != pipe.dtype else net
     if scheduler is not None:
         components["scheduler"] = scheduler
@@ -706,7 +710,144 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    if has_lora(student):
+        export_lora(pipe, student, os.path.join(os.path.dirname(os.path.abspath(out_dir)), "lora"))
     return out_dir
+
+
+# ==== LoRA (peft): adapters added to a diffusers denoiser with its own add_adapter (peft's LoraConfig), base frozen.
+# Export: export_pipeline merges them (a stock pipeline); export_lora writes the file pipe.load_lora_weights reads.
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# the attention projections of every block (image stream; SD3's MMDiT also its text stream), as diffusers' LoRA
+# training examples choose for UNets and SD3
+
+def add_lora(net: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> torch.nn.Module:
+    """rank 0: `net` as it is (full fine-tuning). rank > 0: freeze `net` and add one LoRA adapter of that rank to the
+    `targets` it has (lora_alpha = rank, so the update is B A; B starts at 0, so `net`'s output is unchanged). Only the
+    adapter weights require grad afterwards: build optimisers from trainable(net)."""
+    if rank == 0:
+        return net
+    from peft import LoraConfig
+    names = [n for n, _ in net.named_modules()]
+    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    net.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=present)
+    with _own_rng():  # A's random init the same in every run and on every rank, the caller's RNG untouched
+        torch.manual_seed(0)
+        if hasattr(net, "add_adapter"):
+            net.add_adapter(config)
+        else:  # PixArt's transformer lacks diffusers' PeftAdapterMixin: peft's own injection, which add_adapter calls
+            from peft import inject_adapter_in_model
+            inject_adapter_in_model(config, net)
+    return net
+
+def trainable(net: torch.nn.Module) -> list:
+    """The parameters an optimiser should hold: all of them, or only the LoRA adapters after add_lora."""
+    return [p for p in unwrap(net).parameters() if p.requires_grad]
+
+def has_lora(net: torch.nn.Module) -> bool:
+    if not any("lora_" in n for n, _ in unwrap(net).named_parameters()):
+        return False  # (no peft import for the full fine-tuning runs)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return any(isinstance(m, BaseTunerLayer) for m in unwrap(net).modules())
+
+def merge_lora(net: torch.nn.Module) -> torch.nn.Module:
+    """In place: every peft LoRA layer merged into its base layer (W += (alpha/r) B A) and replaced by it."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for name, m in list(net.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent), leaf, m.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        net.__dict__.pop(attr, None)
+    return net
+
+def export_lora(pipe, student: torch.nn.Module, out_dir: str) -> str:
+    """The student's LoRA weights (peft's get_peft_model_state_dict) written by the pipeline class's save_lora_weights,
+    so that `pipe.load_lora_weights(out_dir)` on the base pipeline gives the student. Families whose pipeline has no
+    LoRA loader (PixArt-alpha) get peft's state dict in the same file name."""
+    from peft.utils import get_peft_model_state_dict
+    net, cls, name = unwrap(student), type(pipe), pipe.denoiser_name
+    if not hasattr(cls, "save_lora_weights"):  # peft's state dict as safetensors; reload: inject_adapter_in_model
+        from safetensors.torch import save_file  # with the same LoraConfig, then set_peft_model_state_dict
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(get_peft_model_state_dict(net), os.path.join(out_dir, "pytorch_lora_weights.safetensors"))
+        return out_dir
+    kw = {f"{name}_lora_layers": get_peft_model_state_dict(net)}
+    if f"{name}_lora_adapter_metadata" in inspect.signature(cls.save_lora_weights).parameters:  # rank and alpha
+        kw[f"{name}_lora_adapter_metadata"] = net.peft_config["default"].to_dict()
+    cls.save_lora_weights(out_dir, **kw)
+    return out_dir
+
+
+# ==== Memory plan, printed on rank 0 before anything big loads (README "Fitting on a GPU"). Weights, gradients and
+# AdamW states from the real-size configs' parameter counts (meta device); activations per sample calibrated on
+# bench/gpu_cost.py's modelled peaks (notes/GPU_COST.md: (peak - static) / batch at the paper's batch, default GAD).
+# Per (file, family): (random variant, teacher bytes/param, trainable copies, activation GiB/sample, --grad-ckpt
+# factor on activations: dpdmd's and gad_ladd's are modelled, the others assumed 0.25).
+MEMORY = {("gad_tdm", "pixart"): ("pixart", 4, 2, (161 - 29.5) / 64, 0.25),
+          ("gad_sid", "sana"): ("sana", 4, 2, (53.2 - 25.9) / 8, 0.25),
+          ("gad_ladd", "sd21"): ("sd21", 4, 1, (259 - 18.3) / 64, (82.6 - 18.3) / (259 - 18.3)),
+          ("dpdmd", "sd3"): ("sd35m", 2, 2, (284 - 84.1) / 4, (97 - 84.1) / (284 - 84.1)),
+          ("adm", "sd3"): ("sd3m", 2, 2, (133.5 - 77.0) / 4, 0.25)}
+GIB = 2**30
+
+@functools.lru_cache(maxsize=None)
+def _counts(family: str, variant: str, rank: int) -> tuple:
+    """(parameters, LoRA adapter parameters at `rank`) of the real-size denoiser, counted on the meta device."""
+    net = random_denoiser(family, device="meta", model="random-" + variant)
+    lora = sum(rank * (m.in_features + m.out_features) for n, m in net.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in LORA_TARGETS))
+    return sum(p.numel() for p in net.parameters()), lora
+
+def memory_plan(args, file: str, family: str, world_size: int = 1) -> dict:
+    """Expected peak GiB per GPU for these flags (read with getattr: --batch-size per GPU, --grad-ckpt, --fsdp,
+    --offload, --lora-rank), text encoders off the GPU (cache_prompts). FSDP shards weights, gradients and states over
+    the ranks; --offload keeps them on the CPU. LoRA: the student's base stays (fp32, frozen), 16 bytes per adapter
+    parameter. --grad-accum changes no peak (one micro-batch at a time)."""
+    variant, teacher_bytes, copies, act, ckpt = MEMORY[(file, family)]
+    rank = max(getattr(args, "lora_rank", 0), 0)
+    P, P_lora = _counts(family, variant, rank)
+    trainable = copies * 16 * P if not rank else (copies - 1) * 16 * P + 4 * P + 16 * P_lora  # LoRA: student only
+    shard = 0 if getattr(args, "offload", False) else 1 / world_size if getattr(args, "fsdp", False) else 1
+    plan = {"weights_and_states": (teacher_bytes * P + trainable) * shard / GIB,
+            "activations": act * getattr(args, "batch_size", 1) * (ckpt if getattr(args, "grad_ckpt", False) else 1)}
+    plan["peak"] = sum(plan.values())
+    return plan
+
+def check_memory(args, file: str, family: str, world_size: int = 1, device_gib: float | None = None) -> dict | None:
+    """Print the plan on rank 0 and raise UsageError, naming flags that fit, when it passes the device's memory
+    (`device_gib`; default: torch.cuda.get_device_properties, no CUDA -> print only). Tiny models: nothing."""
+    model = getattr(args, "model", "") or ""
+    if is_tiny(model) or (file, family) not in MEMORY:
+        return None
+    if device_gib is None and torch.cuda.is_available():
+        device_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+    plan = memory_plan(args, file, family, world_size)
+    print0(f"memory plan per GPU ({file}, batch {getattr(args, 'batch_size', 1)}, world {world_size}): "
+           + ", ".join(f"{k} {v:.1f} GiB" for k, v in plan.items()) + (f" of {device_gib:.1f}" if device_gib else ""))
+    if device_gib is None or plan["peak"] <= 0.97 * device_gib:
+        return plan
+    fits = [flags for flags, over in _fitting(args, world_size)
+            if memory_plan(SimpleNamespace(**{**vars(args), **over}), file, family, world_size)["peak"] <= 0.97 * device_gib]
+    raise UsageError(f"the memory plan ({plan['peak']:.0f} GiB per GPU) exceeds this GPU ({device_gib:.0f} GiB): "
+                     + (f"add {' or '.join(fits[:3])}" if fits else "no flag combination fits; use more GPUs with --fsdp"))
+
+def _fitting(args, world_size: int) -> list:
+    """Candidate flag sets, least change first: gradient checkpointing; the same global batch in smaller micro-batches;
+    LoRA; sharding."""
+    b, out = getattr(args, "batch_size", 1), []
+    out.append(("--grad-ckpt", {"grad_ckpt": True}))
+    for m in (d for d in range(b - 1, 0, -1) if b % d == 0):
+        out.append((f"--batch-size {m} --grad-accum {b // m}", {"batch_size": m, "grad_accum": b // m}))
+    if hasattr(args, "lora_rank") and args.lora_rank == 0:
+        out.append(("--lora-rank 64", {"lora_rank": 64}))
+    if world_size > 1:
+        out.append(("--fsdp", {"fsdp": True}))
+    out.append(("--fsdp --offload --grad-ckpt", {"fsdp": True, "offload": True, "grad_ckpt": True}))
+    return out
 
 
 # Tiny tokenizers: byte-level alphabets, no download. Their sizes stay above the 200-token check.
@@ -818,9 +959,67 @@ def random_denoiser(family: str, device="cpu", dtype: torch.dtype = torch.float3
 
 # ==== Prompt encoding: the pipeline's own encode_prompt, returned as keyword arguments for the
 # denoiser's forward (cond, uncond), so a method file calls `model(x, timestep=t, **cond)`.
+# Text encoders off the GPU (T5-XXL alone is 4.7B parameters): cache_prompts encodes each distinct prompt of the
+# training set once, keeps the rows on the CPU (pipe.prompt_cache) and moves the encoders to the CPU; encode is then a
+# lookup. A prompt set whose embeddings would pass PROMPT_CACHE_GB (PixArt ~1 MB, SD3 ~2.7 MB per prompt in bf16:
+# a million prompts would be terabytes) is not cached: its encoders stay on the GPU and encode each batch, as before.
+
+PROMPT_CACHE_GB = 32  # CPU memory the cached embeddings may take per process
+
+def cache_prompts(pipe, family: str, prompts: list, device, max_sequence_length: int = 0, batch: int = 16) -> bool:
+    """Encode the distinct `prompts` once where the text encoders are (batches of `batch`), keep the embeddings on the
+    CPU and move the encoders from `device` to the CPU. Returns False, changing nothing, when they would exceed
+    PROMPT_CACHE_GB (sized on the first batch). Prompts not cached (evaluation sets) are encoded by `encode` on the
+    CPU, once each, and cached too."""
+    cache = getattr(pipe, "prompt_cache", None)  # kept from an earlier run on the same pipe (in-process tests)
+    if cache is None or cache["msl"] != max_sequence_length:
+        cache = {"msl": max_sequence_length, "rows": {}, "uncond": None}
+    todo = [p for p in dict.fromkeys(prompts) if p not in cache["rows"]]
+    for i in range(0, len(todo), batch):
+        _fill_cache(pipe, family, todo[i:i + batch], cache, _encoder_device(pipe))
+        if i == 0:
+            per_prompt = sum(t.nbytes for t in _tensors(cache["rows"][todo[0]]))
+            if per_prompt * len(todo) > PROMPT_CACHE_GB * 2**30:
+                print0(f"prompt cache: {len(todo)} prompts x {per_prompt / 2**20:.2f} MiB > PROMPT_CACHE_GB = "
+                       f"{PROMPT_CACHE_GB}: text encoders stay on {device} and encode every batch")
+                return False
+    pipe.prompt_cache = cache
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to("cpu")
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return True
+
+def _encoder_device(pipe) -> torch.device:
+    return next(pipe.text_encoder.parameters()).device
+
+def _tensors(cond: dict) -> list:
+    return [t for v in cond.values() for t in (_tensors(v) if isinstance(v, dict) else [v]) if torch.is_tensor(t)]
+
+def _to(cond: dict, device) -> dict:
+    return {k: _to(v, device) if isinstance(v, dict) else (v.to(device) if torch.is_tensor(v) else v) for k, v in cond.items()}
+
+def _fill_cache(pipe, family: str, prompts: list, cache: dict, device) -> None:
+    c, u = _encode(pipe, family, prompts, device, cache["msl"])
+    for i, p in enumerate(prompts):
+        cache["rows"][p] = _to(select(c, slice(i, i + 1)), "cpu")
+    if cache["uncond"] is None:  # the empty prompt's row (SDXL: zeros), the same for every prompt
+        cache["uncond"] = _to(select(u, slice(0, 1)), "cpu")
 
 def encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 0) -> tuple:
-    """(cond, uncond) kwargs for the family's denoiser; uncond is the empty prompt."""
+    """(cond, uncond) kwargs for the family's denoiser on `device`; uncond is the empty prompt. From the CPU cache of
+    cache_prompts when the pipe has one (a prompt missing from it is encoded where the encoders now are, and added)."""
+    cache = getattr(pipe, "prompt_cache", None)
+    if cache is None or cache["msl"] != max_sequence_length:
+        return _encode(pipe, family, prompts, device, max_sequence_length)
+    todo = [p for p in dict.fromkeys(prompts) if p not in cache["rows"]]
+    if todo:
+        _fill_cache(pipe, family, todo, cache, _encoder_device(pipe))
+    cond = cat(*[cache["rows"][p] for p in prompts])
+    return _to(cond, device), _to(select(cache["uncond"], torch.zeros(len(prompts), dtype=torch.long)), device)
+
+def _encode(pipe, family: str, prompts: list, device, max_sequence_length: int = 0) -> tuple:
     n = len(prompts)
     with torch.no_grad():
         if family == "sd21":

@@ -102,6 +102,7 @@ class Args:
     log_every: int = 1  # metrics.jsonl row every N steps
     export: bool = True  # save the student as a stock diffusers pipeline in out/pipeline at the end
     grad_checkpointing: bool = False  # activation checkpointing in student and fake (memory for SD3.5-M)
+    lora_rank: int = 0  # LoRA rank of the student (common.add_lora; 0 = full fine-tuning, as the paper; fake: full)
     threads: int = 0  # CPU threads (0 = default / $CPU_THREADS)
 
 
@@ -324,6 +325,7 @@ def train(args: Args, pipe=None) -> dict:
                                  model_ids={"--feature-model": args.feature_model * args.eval})
     check_args(args)
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "dpdmd", args.family, dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, flow = dist.device, args.family == "sd3"
     common.set_cpu_threads(args.threads)
     dtype = common.resolve_dtype(args.dtype, device)
@@ -335,13 +337,13 @@ def train(args: Args, pipe=None) -> dict:
         pipe = common.load_pipeline(args.family, args.model or common.FAMILIES[args.family][2], dtype)
     pipe.to(device)
     teacher = getattr(pipe, pipe.denoiser_name)
-    student = copy.deepcopy(teacher).float().requires_grad_(True).train()
+    student = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), args.lora_rank)
     fake = copy.deepcopy(teacher).float().requires_grad_(True).train()
     if args.grad_checkpointing:
         student.enable_gradient_checkpointing()
         fake.enable_gradient_checkpointing()
     sch = Schedule(stock_scheduler(pipe, flow), flow, args.student_steps, args.teacher_steps)
-    opt_s = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt_s = torch.optim.AdamW(common.trainable(student), lr=args.lr, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheds = common.lr_schedulers({"student": opt_s, "fake": opt_f}, args)  # both stepped every iteration, as DMD2
     ema = common.make_ema(student, args.ema_decay)
@@ -349,6 +351,7 @@ def train(args: Args, pipe=None) -> dict:
     scaler = common.make_scaler(device, dtype)
     prompts = common.read_prompts(args.prompts)
     eval_prompts = [common.PROMPTS[i % len(common.PROMPTS)] for i in range(args.eval_prompts)]
+    common.cache_prompts(pipe, args.family, prompts + eval_prompts, device)  # encoded once; encoders leave the GPU
 
     # resume: models, optimizers, step and the global RNG
     common.seed_everything(args.seed, dist.rank)

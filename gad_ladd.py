@@ -529,6 +529,7 @@ def train(args) -> dict:
                                  own=("data",), safe=("stage",))
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "gad_ladd", FAMILY, dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 finite differences need real fp32 (TF32 has a 10-bit mantissa)
     torch.backends.cudnn.allow_tf32 = False
@@ -541,6 +542,7 @@ def train(args) -> dict:
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)
     pt, ab = pipe.scheduler.config.prediction_type, pipe.scheduler.alphas_cumprod.to(device)
     prompts = common.read_prompts(args.prompts)
+    common.cache_prompts(pipe, FAMILY, prompts, device)  # each prompt encoded once; the text encoder leaves the GPU
     to_x0_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), pt)  # fails loudly on an unsupported prediction type
     unet = pipe.unet  # frozen teacher: data-stage sampler and discriminator backbone (never updated)
 

@@ -347,6 +347,7 @@ def train(args: Args, pipe=None) -> dict:
     if dtype == torch.float16:
         raise common.UsageError("--dtype fp16 is not supported here (two optimisers); use bf16 or fp32")
     common.seed_everything(args.seed, dist.rank)
+    common.check_memory(args, "gad_sid", "sana", dist.world_size)  # the plan on rank 0; refused if it cannot fit
     gad = args.gad_weight > 0
     batched = gad and args.gad_batched and dtype == torch.float32 and args.gad_jvp == "fd"
 
@@ -369,16 +370,10 @@ def train(args: Args, pipe=None) -> dict:
         start = common.load_checkpoint(ckpt_path, models, {"g": opt_g, "f": opt_f}, schedulers=scheds)["step"]
     G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
 
-    # prompts: embeddings cached on the CPU for lists up to 512 prompts
+    # prompts: each encoded once, embeddings on the CPU, the Gemma encoder off the GPU (common.cache_prompts)
     prompts = common.read_prompts(args.prompts)
-    cache = pipe.__dict__.setdefault("_prompt_cache", {})  # survives in-process reruns on the same pipe (tests)
-
-    def encode(batch):
-        if len(prompts) > 512:
-            return common.encode(pipe, "sana", batch, device)
-        for p in sorted(set(batch) - cache.keys()):
-            cache[p] = tuple({k: v.cpu() for k, v in c.items()} for c in common.encode(pipe, "sana", [p], device))
-        return tuple(common.cat(*[cache[p][j] for p in batch]) for j in (0, 1))
+    common.cache_prompts(pipe, "sana", prompts, device)
+    encode = lambda batch: common.encode(pipe, "sana", batch, device)
 
     def to_dev(c):  # fp32 embeddings: the fp32 finite-difference forwards run outside autocast
         return common.cast({k: v.to(device) for k, v in c.items()}, torch.float32)

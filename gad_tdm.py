@@ -319,6 +319,7 @@ def train(args: Args) -> dict:
                    f"argument --timesteps: must decrease strictly, got {args.timesteps}")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
+    common.check_memory(args, "gad_tdm", "pixart", dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.set_cpu_threads(args.threads)
     common.seed_everything(args.seed, dist.rank)
@@ -337,6 +338,7 @@ def train(args: Args) -> dict:
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
     abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
     prompts = common.read_prompts(args.prompts)
+    common.cache_prompts(pipe, "pixart", prompts, device)  # each prompt encoded once; the T5 encoder leaves the GPU
     encode = lambda ps: [common.cast(c, torch.float32) for c in common.encode(pipe, "pixart", ps, device)]  # fp32 nets
     null = common.select(encode([""])[0], torch.zeros(B, dtype=torch.long, device=device))
     opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
