@@ -517,7 +517,7 @@ def train_stage(args: Args) -> dict:
     M = type("Models", (), dict(pipe=pipe, teacher=teacher, shape=common.latent_shape(pipe, args.batch_size)))()
     M.sch = Schedule(family, export_scheduler(pipe, family), args.ode_dt)
     M.ts, M.ac = M.sch.gen_timesteps(N).to(dev), lambda: common.autocast(dev, dtype)
-    lora_rank = args.lora_rank if args.lora_rank >= 0 else (64 if family == "sd3" else 0)  # SILENT 6 (Table 2, B.5)
+    lora_rank = args.lora_rank if args.lora_rank >= 0 else (64 if family == "sd3" else 0)  # SILENT 7 (Table 2, B.5)
     M.G_u = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), lora_rank)
     M.taps = Taps(teacher, family)
     c0, _ = common.encode(pipe, family, [""], dev)
