@@ -75,6 +75,7 @@ class Args:
     out: str = "runs/dpdmd"  # output directory
     steps: int = 6000  # iterations, fake and student updates together (paper's count lost in extraction)
     batch_size: int = 4  # per-GPU batch of prompts (paper's value lost in extraction)
+    grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
@@ -369,9 +370,10 @@ def train(args: Args, pipe=None) -> dict:
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
     metrics = {}
 
-    def update(opt, net, loss):
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
+    N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
+    backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
+
+    def update(opt, net):
         if scaler:
             scaler.unscale_(opt)
         gn = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -382,25 +384,30 @@ def train(args: Args, pipe=None) -> dict:
 
     for it in range(start, args.steps):
         step = it + 1
-        # 1. a batch of prompts and initial noise z, all from the global RNG
-        idx = torch.randint(len(prompts), (args.batch_size,))
-        cond, uncond = common.encode(pipe, args.family, [prompts[i] for i in idx], device)
-        z = torch.randn(common.latent_shape(pipe, args.batch_size)).to(device)
         student_turn = step % (args.fake_updates_per_student + 1) == 0
-        if not student_turn:
-            # 2. fake score: the model's own pretraining loss on sg(student samples)
-            with amp():
-                loss_fake = fake_loss(student_d, fake_d, z, cond, sch)
-            common.check_finite(step, fake_loss=loss_fake)
-            gn = update(opt_f, fake_d, loss_fake)
-            row = {"fake_loss": loss_fake.item(), "fake_grad_norm": gn.item()}
-        else:
-            # 3. student: L_div on the first step (Eq. 6-7 / 39-41), DMD on steps 2..n (Eq. 4-5), total Eq. 8
-            with amp():
-                loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
-            common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
-            gn = update(opt_s, student_d, loss)
-            row = {"dmd_loss": loss_dmd.item(), "div_loss": loss_div.item(), "loss": loss.item(), "grad_norm": gn.item()}
+        opt, net, rows = (opt_s, student_d, []) if student_turn else (opt_f, fake_d, [])
+        opt.zero_grad(set_to_none=True)
+        for _ in common.micro_batches(N, net):
+            # 1. a batch of prompts and initial noise z, all from the global RNG
+            idx = torch.randint(len(prompts), (args.batch_size,))
+            cond, uncond = common.encode(pipe, args.family, [prompts[i] for i in idx], device)
+            z = torch.randn(common.latent_shape(pipe, args.batch_size)).to(device)
+            if not student_turn:
+                # 2. fake score: the model's own pretraining loss on sg(student samples)
+                with amp():
+                    loss_fake = fake_loss(student_d, fake_d, z, cond, sch)
+                common.check_finite(step, fake_loss=loss_fake)
+                backward(loss_fake)
+                rows.append({"fake_loss": loss_fake.detach()})
+            else:
+                # 3. student: L_div on the first step (Eq. 6-7 / 39-41), DMD on steps 2..n (Eq. 4-5), total Eq. 8
+                with amp():
+                    loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
+                common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
+                backward(loss)
+                rows.append({"dmd_loss": loss_dmd.detach(), "div_loss": loss_div.detach(), "loss": loss.detach()})
+        gn = update(opt, net)
+        row = {**common.mean_rows(rows), ("grad_norm" if student_turn else "fake_grad_norm"): gn.item()}
         metrics.update(row)
 
         # logging, evaluation, grids, checkpoints (rank 0)
