@@ -259,9 +259,10 @@ def test_eval_metrics(pipe, tmp_path):
 
 
 def test_resume_is_exact(pipe, tmp_path):
-    full = gs.train(tiny_args(tmp_path / "a", steps=3), pipe=pipe)
-    gs.train(tiny_args(tmp_path / "b", steps=2), pipe=pipe)
-    resumed = gs.train(tiny_args(tmp_path / "b", steps=3, resume="latest"), pipe=pipe)
+    accum = dict(batch_size=1, grad_accum=2)  # 2 micro-batches per step (issue 15)
+    full = gs.train(tiny_args(tmp_path / "a", steps=3, **accum), pipe=pipe)
+    gs.train(tiny_args(tmp_path / "b", steps=2, **accum), pipe=pipe)
+    resumed = gs.train(tiny_args(tmp_path / "b", steps=3, resume="latest", **accum), pipe=pipe)
     for k in ("loss_sid", "loss_gad", "loss_fake"):
         assert resumed[k] == full[k], k
     wa, wb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["models"]["student"] for d in ("a", "b"))
