@@ -37,6 +37,7 @@ Commands
   GPU, SD3-M 4-step ADM:  python adm.py --family sd3 --steps 8000 --batch-size 4
   GPU, SDXL DMDX:         python adm.py --family sdxl --pipeline dmdx --steps 8000 --batch-size 4
   torchrun:               torchrun --nproc_per_node 8 adm.py --family sdxl --pipeline dmdx
+  the paper's batch 128:  torchrun --nproc_per_node 8 adm.py --batch-size 4 --grad-accum 4   (Table 7: 32 GPUs x 4)
   CPU tiny:               CPU_THREADS=1 python adm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
 Expect out/metrics.jsonl (loss_g, loss_d, loss_fake, dmd, d_fake, d_real, diversity), curves.png, grid_<step>.png,
 ckpt.pt and pipeline/. loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).

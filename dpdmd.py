@@ -33,6 +33,7 @@ Commands:
                python dpdmd.py --div-weight 0        # plain DMD baseline (no detach: DMD trains all steps)
                python dpdmd.py --no-detach           # Fig. 5 ablation: lambda > 0, DMD also reaches step 1
   torchrun   : torchrun --nproc_per_node 8 dpdmd.py --batch-size 2
+  less memory: python dpdmd.py --batch-size 2 --grad-accum 2   # 4 per optimiser step, 2 micro-batches of 2
   CPU tiny   : python dpdmd.py --model tiny-sd3 --steps 12 --batch-size 2 --sample-every 6 --eval-every 6
 Expect: metrics.jsonl with fake_loss on fake iterations and dmd_loss/div_loss on student iterations, a
 `diversity` (Eq. 9) value every --eval-every steps, samples_*.png grids, curves.png, ckpt.pt, pipeline/.

@@ -48,6 +48,7 @@ Deviations:
 Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
+    less memory: python gad_sid.py --batch-size 4 --grad-accum 2   (8 per optimiser step, 2 micro-batches of 4)
     CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
     plain SiD: --gad-weight 0.   fp32 finite differences instead of bf16 JVPs: --gad-jvp fd.   Overhead: --bench 5.
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the

@@ -69,6 +69,7 @@ Commands:
   GPU:        python gad_tdm.py --steps 2000                              (PixArt-XL-2-512, bf16, batch 64)
   plain TDM:  python gad_tdm.py --gad-weight 0
   multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 64      (64 global, 8 per GPU)
+  less memory: python gad_tdm.py --batch-size 16 --grad-accum 4           (64 per optimiser step, 4 micro-batches of 16)
   CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
   evaluate:   python gad_tdm.py --eval --resume runs/gad_tdm/ckpt.pt [--feature-model openai/clip-vit-base-patch32]
   overhead:   python gad_tdm.py --model tiny --bench 20 --threads 1
