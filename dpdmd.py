@@ -386,8 +386,9 @@ def train(args: Args, pipe=None) -> dict:
     for it in range(start, args.steps):
         step = it + 1
         student_turn = step % (args.fake_updates_per_student + 1) == 0
-        opt, net, rows = (opt_s, student_d, []) if student_turn else (opt_f, fake_d, [])
+        opt, net = (opt_s, student_d) if student_turn else (opt_f, fake_d)
         opt.zero_grad(set_to_none=True)
+        rows = []  # logged scalars, one row per micro-batch
         for _ in common.micro_batches(N, net):
             # 1. a batch of prompts and initial noise z, all from the global RNG
             idx = torch.randint(len(prompts), (args.batch_size,))
