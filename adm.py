@@ -40,6 +40,7 @@ Commands
   GPU, SD3-M 4-step ADM:  python adm.py --family sd3 --steps 8000 --batch-size 4
   GPU, SDXL DMDX:         python adm.py --family sdxl --pipeline dmdx --steps 8000 --batch-size 4
   torchrun:               torchrun --nproc_per_node 8 adm.py --family sdxl --pipeline dmdx
+  the paper's batch 128:  torchrun --nproc_per_node 8 adm.py --batch-size 4 --grad-accum 4   (Table 7: 32 GPUs x 4)
   CPU tiny:               CPU_THREADS=1 python adm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
 Expect out/metrics.jsonl (loss_g, loss_d, loss_fake, dmd, d_fake, d_real, diversity), curves.png, grid_<step>.png,
 ckpt.pt and pipeline/. loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
@@ -95,6 +96,7 @@ class Args:
     out: str = "runs/adm"  # output directory
     steps: int = 8000  # generator iterations per stage (Sec. 5: 8K)
     batch_size: int = 4  # per-GPU batch (Table 7: micro batch 4)
+    grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
@@ -362,9 +364,12 @@ def load_pairs(pair_dir, n_shards):
 # ---- Training --------------------------------------------------------------------------------------------
 
 
-def opt_step(loss, opt, scaler):
-    opt.zero_grad(set_to_none=True)
-    (loss if scaler is None else scaler.scale(loss)).backward()
+def backward(loss, n, scaler):
+    """One of n micro-batches (--grad-accum): back-propagate loss / n (scaled under fp16); opt_step() after the last."""
+    (loss / n if scaler is None else scaler.scale(loss / n)).backward()
+
+
+def opt_step(opt, scaler):
     if scaler is None:
         return opt.step()
     scaler.step(opt)
@@ -380,75 +385,107 @@ def fake_branch(fake, x0_hat, z_g, t, cond, sch):
 
 
 def adm_step(M, cond, uncond, args, dev):
-    """One generator iteration of Alg. 1 (l. 7-26) after the prompts are encoded. Returns logged scalars."""
-    B, shape, sch, ac = args.batch_size, M.shape, M.sch, M.ac
+    """One generator iteration of Alg. 1 (l. 7-26) after the prompts are encoded: cond and uncond hold --grad-accum
+    micro-batches of --batch-size rows; each update sums their gradients and steps once. Returns logged scalars."""
+    B, N, shape, sch, ac = args.batch_size, args.grad_accum, M.shape, M.sch, M.ac
+    mb = lambda c, i: common.select(c, slice(i * B, (i + 1) * B))  # micro-batch i's rows
     # l. 7-11: fake score update on sg(G samples), pretraining loss, no CFG (TTUR times)
     for _ in range(args.ttur):
-        with torch.no_grad(), ac():
-            x0 = rollout(M.G_u, torch.randn(shape, device=dev), cond, sch, M.ts, len(M.ts))
-        z_f, t_f = torch.randn(shape, device=dev), sch.sample_t(B, dev)  # SILENT: t_f ~ U(0, T), w(t) = 1
-        with ac():
-            out = M.fake(diffuse(x0, z_f, *sch.coeffs(t_f)), timestep=sch.net_t(t_f), **cond, return_dict=False)[0]
-        loss_fake = pretrain_loss(out, x0, z_f, sch.flow)
-        opt_step(loss_fake, M.opt["fake"], M.scaler)
-    # l. 15-17: roll G without grad to t_n, then x̂0 = G(x_{t_n}, t_n) with grad
-    n = int(torch.randint(len(M.ts), ()))
-    with torch.no_grad(), ac():
-        x_tn = rollout(M.G_u, torch.randn(shape, device=dev), cond, sch, M.ts, n)
-    t_n = M.ts[n].expand(B).to(dev)
+        M.opt["fake"].zero_grad(set_to_none=True)
+        fake_losses = []  # the last round's are logged
+        for i in common.micro_batches(N, M.fake):
+            with torch.no_grad(), ac():
+                x0 = rollout(M.G_u, torch.randn(shape, device=dev), mb(cond, i), sch, M.ts, len(M.ts))
+            z_f, t_f = torch.randn(shape, device=dev), sch.sample_t(B, dev)  # SILENT: t_f ~ U(0, T), w(t) = 1
+            with ac():
+                out = M.fake(diffuse(x0, z_f, *sch.coeffs(t_f)), timestep=sch.net_t(t_f), **mb(cond, i), return_dict=False)[0]
+            fake_losses.append(pretrain_loss(out, x0, z_f, sch.flow))
+            backward(fake_losses[-1], N, M.scaler)
+        opt_step(M.opt["fake"], M.scaler)
     freeze = lambda frozen: [m.requires_grad_(not frozen) for m in (M.fake_u, M.D_u)]
     freeze(True)
-    with ac():
-        x0_hat, _ = predict(M.G, x_tn, t_n, cond, sch)
-        # l. 18-20: diffuse with fresh noise, one fake PF-ODE step (grad to x̂0 through x_t and the fake's input)
-        t = sch.sample_t(B, dev, low=sch.dt)  # SILENT: t ~ U(Δt, T) so that t - Δt >= 0
-        x_t, x0_f, x_fake = fake_branch(M.fake_u, x0_hat, torch.randn(shape, device=dev), t, cond, sch)
-        # l. 21: one real PF-ODE step with CFG w ~ U[lo, hi], no grad
-        with torch.no_grad():
-            w = args.cfg_range[0] + (args.cfg_range[1] - args.cfg_range[0]) * torch.rand(B, device=dev)
-            x0_r, eps_r = predict(M.teacher, x_t.detach(), t, cond, sch, uncond, w)
-            x_real = pf_ode_step(x0_r, eps_r, *sch.coeffs(t - sch.dt))
-        # l. 22: generator hinge loss, Eq. 7, through the frozen D backbone and frozen heads
-        d_g, _ = M.D_u(M.taps(M.teacher, x_fake, t - sch.dt, cond, sch))
-        loss_g = hinge_g(d_g)
-    opt_step(loss_g, M.opt["G"], M.scaler)
+    rows, kept = [], []
+    M.opt["G"].zero_grad(set_to_none=True)
+    for i in common.micro_batches(N, M.G):
+        c = mb(cond, i)
+        # l. 15-17: roll G without grad to t_n, then x̂0 = G(x_{t_n}, t_n) with grad
+        n = int(torch.randint(len(M.ts), ()))
+        with torch.no_grad(), ac():
+            x_tn = rollout(M.G_u, torch.randn(shape, device=dev), c, sch, M.ts, n)
+        t_n = M.ts[n].expand(B).to(dev)
+        with ac():
+            x0_hat, _ = predict(M.G, x_tn, t_n, c, sch)
+            # l. 18-20: diffuse with fresh noise, one fake PF-ODE step (grad to x̂0 through x_t and the fake's input)
+            t = sch.sample_t(B, dev, low=sch.dt)  # SILENT: t ~ U(Δt, T) so that t - Δt >= 0
+            x_t, x0_f, x_fake = fake_branch(M.fake_u, x0_hat, torch.randn(shape, device=dev), t, c, sch)
+            # l. 21: one real PF-ODE step with CFG w ~ U[lo, hi], no grad
+            with torch.no_grad():
+                w = args.cfg_range[0] + (args.cfg_range[1] - args.cfg_range[0]) * torch.rand(B, device=dev)
+                x0_r, eps_r = predict(M.teacher, x_t.detach(), t, c, sch, mb(uncond, i), w)
+                x_real = pf_ode_step(x0_r, eps_r, *sch.coeffs(t - sch.dt))
+            # l. 22: generator hinge loss, Eq. 7, through the frozen D backbone and frozen heads
+            d_g, _ = M.D_u(M.taps(M.teacher, x_fake, t - sch.dt, c, sch))
+            loss_g = hinge_g(d_g)
+        backward(loss_g, N, M.scaler)
+        kept.append((x_fake.detach(), x_real, t, c))  # the D update's samples
+        rows.append(dict(loss_g=loss_g.detach(), loss_fake=fake_losses[i].detach(),
+                         dmd=dmd_diagnostic(x0_hat.detach(), x0_f.detach(), x0_r)))
+    opt_step(M.opt["G"], M.scaler)
     freeze(False)
-    dmd = dmd_diagnostic(x0_hat.detach(), x0_f.detach(), x0_r)
     # l. 25-26: discriminator hinge loss, Eq. 8, fake and real in one backbone pass
-    with ac():
-        d, _ = M.D(M.taps(M.teacher, torch.cat([x_fake.detach(), x_real]), (t - sch.dt).repeat(2), common.cat(cond, cond), sch))
-        loss_d = hinge_d(d[:B], d[B:])
-    opt_step(loss_d, M.opt["D"], M.scaler)
-    return dict(loss_g=loss_g, loss_d=loss_d, loss_fake=loss_fake, dmd=dmd, d_fake=d[:B].mean(), d_real=d[B:].mean())
+    M.opt["D"].zero_grad(set_to_none=True)
+    for i in common.micro_batches(N, M.D):
+        x_fake, x_real, t, c = kept[i]
+        with ac():
+            d, _ = M.D(M.taps(M.teacher, torch.cat([x_fake, x_real]), (t - sch.dt).repeat(2), common.cat(c, c), sch))
+            loss_d = hinge_d(d[:B], d[B:])
+        backward(loss_d, N, M.scaler)
+        rows[i].update(loss_d=loss_d.detach(), d_fake=d[:B].mean(), d_real=d[B:].mean())
+    opt_step(M.opt["D"], M.scaler)
+    return common.mean_rows(rows)
 
 
 def adp_step(M, cond, z, x0, args, dev):
-    """One ADP iteration (Sec. 4.2, Eq. 9-10) on a batch of teacher ODE pairs (z = x_T, x0)."""
-    B, sch, ac, lam1, lam2 = z.shape[0], M.sch, M.ac, args.lambda_latent, args.lambda_pixel
-    t = sch.cubic(torch.rand(B, device=dev))  # Sec. 4.2.1: cubic generator timestep
-    # DEVIATION (DDPM teachers): interpolate the pair at the SNR of t, at the UNet's input scale (flow: (1-t) x0 + t z)
-    x_t = diffuse(x0, z, *sch.coeffs(t))
-    t1 = sch.sample_t(B, dev, include_T=True)  # Sec. 4.2.2: t' ~ U(0, T]
+    """One ADP iteration (Sec. 4.2, Eq. 9-10) on a batch of teacher ODE pairs (z = x_T, x0): --grad-accum
+    micro-batches of --batch-size rows, each update sums their gradients and steps once."""
+    B, N, sch, ac, lam1, lam2 = args.batch_size, args.grad_accum, M.sch, M.ac, args.lambda_latent, args.lambda_pixel
+    mb = lambda c, i: common.select(c, slice(i * B, (i + 1) * B))  # micro-batch i's rows
+    rows, kept = [], []
     M.D_u.requires_grad_(False)
-    with ac():
-        x0_g, _ = predict(M.G, x_t, t, cond, sch)  # the generator predicts the pair's velocity (flow) / noise (DDPM)
-        x_fake_t1 = diffuse(x0_g, torch.randn_like(x0), *sch.coeffs(t1))
-        img_fake = decode_with_grad(M.pipe, x0_g)
-        d_lat, d_pix = M.D_u(M.taps(M.teacher, x_fake_t1, t1, cond, sch), M.pixel(img_fake))
-        loss_g = adp_g_loss(d_lat, d_pix, lam1, lam2)
-    opt_step(loss_g, M.opt["G"], M.scaler)
+    M.opt["G"].zero_grad(set_to_none=True)
+    for i in common.micro_batches(N, M.G):
+        c, z_i, x0_i = mb(cond, i), z[i * B:(i + 1) * B], x0[i * B:(i + 1) * B]
+        t = sch.cubic(torch.rand(B, device=dev))  # Sec. 4.2.1: cubic generator timestep
+        # DEVIATION (DDPM teachers): interpolate the pair at the SNR of t, at the UNet's input scale (flow: (1-t) x0 + t z)
+        x_t = diffuse(x0_i, z_i, *sch.coeffs(t))
+        t1 = sch.sample_t(B, dev, include_T=True)  # Sec. 4.2.2: t' ~ U(0, T]
+        with ac():
+            x0_g, _ = predict(M.G, x_t, t, c, sch)  # the generator predicts the pair's velocity (flow) / noise (DDPM)
+            x_fake_t1 = diffuse(x0_g, torch.randn_like(x0_i), *sch.coeffs(t1))
+            img_fake = decode_with_grad(M.pipe, x0_g)
+            d_lat, d_pix = M.D_u(M.taps(M.teacher, x_fake_t1, t1, c, sch), M.pixel(img_fake))
+            loss_g = adp_g_loss(d_lat, d_pix, lam1, lam2)
+        backward(loss_g, N, M.scaler)
+        kept.append((x_fake_t1.detach(), img_fake.detach(), x0_i, t1, c))  # the D update's samples
+        rows.append(dict(loss_g=loss_g.detach()))
+    opt_step(M.opt["G"], M.scaler)
     M.D_u.requires_grad_(True)
-    with torch.no_grad(), ac():
-        x_real_t1 = diffuse(x0, torch.randn_like(x0), *sch.coeffs(t1))  # SILENT: same t', independent noise
-        img_real = common.decode(M.pipe, x0)
-        lat_feats = M.taps(M.teacher, torch.cat([x_fake_t1.detach(), x_real_t1]), t1.repeat(2), common.cat(cond, cond), sch)
-        pix_feats = M.pixel(torch.cat([img_fake.detach(), img_real]))
-    with ac():
-        d_lat, d_pix = M.D(lat_feats, pix_feats)
-        loss_d = adp_d_loss(d_lat[:B], d_lat[B:], d_pix[:B], d_pix[B:], lam1, lam2)
-    opt_step(loss_d, M.opt["D"], M.scaler)
-    return dict(loss_g=loss_g, loss_d=loss_d, d_fake=d_lat[:B].mean(), d_real=d_lat[B:].mean(),
-                d_pix_fake=d_pix[:B].mean(), d_pix_real=d_pix[B:].mean())
+    M.opt["D"].zero_grad(set_to_none=True)
+    for i in common.micro_batches(N, M.D):
+        x_fake_t1, img_fake, x0_i, t1, c = kept[i]
+        with torch.no_grad(), ac():
+            x_real_t1 = diffuse(x0_i, torch.randn_like(x0_i), *sch.coeffs(t1))  # SILENT: same t', independent noise
+            img_real = common.decode(M.pipe, x0_i)
+            lat_feats = M.taps(M.teacher, torch.cat([x_fake_t1, x_real_t1]), t1.repeat(2), common.cat(c, c), sch)
+            pix_feats = M.pixel(torch.cat([img_fake, img_real]))
+        with ac():
+            d_lat, d_pix = M.D(lat_feats, pix_feats)
+            loss_d = adp_d_loss(d_lat[:B], d_lat[B:], d_pix[:B], d_pix[B:], lam1, lam2)
+        backward(loss_d, N, M.scaler)
+        rows[i].update(loss_d=loss_d.detach(), d_fake=d_lat[:B].mean(), d_real=d_lat[B:].mean(),
+                       d_pix_fake=d_pix[:B].mean(), d_pix_real=d_pix[B:].mean())
+    opt_step(M.opt["D"], M.scaler)
+    return common.mean_rows(rows)
 
 
 @torch.no_grad()
@@ -559,18 +596,18 @@ def train_stage(args: Args) -> dict:
     logger = common.Logger(args.out, args.steps, start, dist.is_main, desc=args.stage)
     metrics = {}
     for step in range(start + 1, args.steps + 1):
-        if args.stage == "adm":
-            idx = torch.randint(len(prompts), (args.batch_size,)).tolist()
+        if args.stage == "adm":  # prompts (and ADP pairs) for all --grad-accum micro-batches of the step
+            idx = torch.randint(len(prompts), (args.batch_size * args.grad_accum,)).tolist()
             cond, uncond = common.encode(pipe, family, [prompts[i] for i in idx], dev)
             out = adm_step(M, cond, uncond, args, dev)
         else:
-            j = torch.randint(len(Z), (args.batch_size,))
+            j = torch.randint(len(Z), (args.batch_size * args.grad_accum,))
             cond, _ = common.encode(pipe, family, [pair_prompts[i] for i in j.tolist()], dev)
             out = adp_step(M, cond, Z[j].to(dev), X0[j].to(dev), args, dev)
         common.check_finite(step, **out)
         common.lr_step(scheds)
         ema.update_parameters(M.G_u) if ema else None
-        metrics = {k: float(v.detach()) for k, v in out.items()}
+        metrics = out
         logger.update()
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **metrics)

@@ -150,6 +150,37 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     ema = isinstance(model, torch.optim.swa_utils.AveragedModel)
     return model.module if hasattr(model, "module") and not ema else model
 
+# Gradient accumulation (--grad-accum N): an optimiser step sums the gradients of N micro-batches of --batch-size,
+# each loss divided by N; clipping and the step run once after them (global batch = batch_size x N x world_size).
+
+@contextlib.contextmanager
+def no_sync(model):
+    """Skip the gradient all-reduce of this backward: DDP's no_sync(), FSDP2's set_requires_gradient_sync(False)."""
+    if hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+def micro_batches(n: int, *models):
+    """Yields 0..n-1, one per micro-batch. On all but the last the wrapped `models` do not all-reduce (no_sync spans
+    the body's forward and backward), so gradients add up locally and the last backward reduces the sum once."""
+    for i in range(n):
+        with contextlib.ExitStack() as stack:
+            for m in models if i < n - 1 else ():
+                stack.enter_context(no_sync(m))
+            yield i
+
+def mean_rows(rows: list) -> dict:
+    """Logged scalars averaged over a step's micro-batches (for mean losses: the large-batch value)."""
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0]}
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
@@ -292,10 +323,10 @@ RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0",
           "*_lr": "> 0", "ema_decay": "[0, 1)", "seed": ">= 0", "seeds": ">= 1", "threads": ">= 0", "bench": ">= 0",
           "*_weight": ">= 0", "weight_decay": ">= 0", "grad_clip": "> 0", "clip": "> 0", "betas": "[0, 1)",
           "eval_seeds": ">= 2", "*_steps": ">= 1",
-          "lora_rank": ">= 0"}
+          "lora_rank": ">= 0", "grad_accum": ">= 1"}
 RUN_LOCAL = ("out", "resume", "overwrite", "device", "threads", "bench")  # never compared, never taken from a checkpoint
 SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt",
-                  "grad_checkpointing", "lr", "lr_*", "*_lr")
+                  "grad_checkpointing", "lr", "lr_*", "*_lr")  # not batch_size, grad_accum: they change the global batch
 
 def _spec_ok(x, spec) -> bool:
     if isinstance(spec, tuple):  # (predicate, text)

@@ -39,6 +39,7 @@ Commands:
                python dpdmd.py --div-weight 0        # plain DMD baseline (no detach: DMD trains all steps)
                python dpdmd.py --no-detach           # Fig. 5 ablation: lambda > 0, DMD also reaches step 1
   torchrun   : torchrun --nproc_per_node 8 dpdmd.py --batch-size 2
+  less memory: python dpdmd.py --batch-size 2 --grad-accum 2   # 4 per optimiser step, 2 micro-batches of 2
   CPU tiny   : python dpdmd.py --model tiny-sd3 --steps 12 --batch-size 2 --sample-every 6 --eval-every 6
 Expect: metrics.jsonl with fake_loss on fake iterations and dmd_loss/div_loss on student iterations, a
 `diversity` (Eq. 9) value every --eval-every steps, samples_*.png grids, curves.png, ckpt.pt, pipeline/.
@@ -86,6 +87,7 @@ class Args:
     out: str = "runs/dpdmd"  # output directory
     steps: int = 6000  # iterations, fake and student updates together (paper's count lost in extraction)
     batch_size: int = 4  # per-GPU batch of prompts (paper's value lost in extraction)
+    grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
@@ -367,9 +369,10 @@ def train(args: Args, pipe=None) -> dict:
     amp = lambda: common.autocast(device, dtype)  # noqa: E731
     metrics = {}
 
-    def update(opt, net, loss):
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
+    N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
+    backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
+
+    def update(opt, net):
         if scaler:
             scaler.unscale_(opt)
         gn = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -380,26 +383,32 @@ def train(args: Args, pipe=None) -> dict:
 
     for it in range(start, args.steps):
         step = it + 1
-        # 1. a batch of prompts and initial noise z, all from the global RNG
-        idx = torch.randint(len(prompts), (args.batch_size,))
-        cond, uncond = common.encode(pipe, args.family, [prompts[i] for i in idx], device)
-        z = torch.randn(common.latent_shape(pipe, args.batch_size)).to(device)
         student_turn = step % (args.fake_updates_per_student + 1) == 0
-        if not student_turn:
-            # 2. fake score: the model's own pretraining loss on sg(student samples)
-            with amp():
-                loss_fake = fake_loss(student_d, fake_d, z, cond, sch)
-            common.check_finite(step, fake_loss=loss_fake)
-            gn = update(opt_f, fake_d, loss_fake)
-            row = {"fake_loss": loss_fake.item(), "fake_grad_norm": gn.item()}
-        else:
-            # 3. student: L_div on the first step (Eq. 6-7 / 39-41), DMD on steps 2..n (Eq. 4-5), total Eq. 8
-            with amp():
-                loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
-            common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
-            gn = update(opt_s, student_d, loss)
-            ema.update_parameters(student) if ema else None
-            row = {"dmd_loss": loss_dmd.item(), "div_loss": loss_div.item(), "loss": loss.item(), "grad_norm": gn.item()}
+        opt, net = (opt_s, student_d) if student_turn else (opt_f, fake_d)
+        opt.zero_grad(set_to_none=True)
+        rows = []  # logged scalars, one row per micro-batch
+        for _ in common.micro_batches(N, net):
+            # 1. a batch of prompts and initial noise z, all from the global RNG
+            idx = torch.randint(len(prompts), (args.batch_size,))
+            cond, uncond = common.encode(pipe, args.family, [prompts[i] for i in idx], device)
+            z = torch.randn(common.latent_shape(pipe, args.batch_size)).to(device)
+            if not student_turn:
+                # 2. fake score: the model's own pretraining loss on sg(student samples)
+                with amp():
+                    loss_fake = fake_loss(student_d, fake_d, z, cond, sch)
+                common.check_finite(step, fake_loss=loss_fake)
+                backward(loss_fake)
+                rows.append({"fake_loss": loss_fake.detach()})
+            else:
+                # 3. student: L_div on the first step (Eq. 6-7 / 39-41), DMD on steps 2..n (Eq. 4-5), total Eq. 8
+                with amp():
+                    loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
+                common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
+                backward(loss)
+                rows.append({"dmd_loss": loss_dmd.detach(), "div_loss": loss_div.detach(), "loss": loss.detach()})
+        gn = update(opt, net)
+        ema.update_parameters(student) if ema and student_turn else None
+        row = {**common.mean_rows(rows), ("grad_norm" if student_turn else "fake_grad_norm"): gn.item()}
         metrics.update(row)
         common.lr_step(scheds)
 

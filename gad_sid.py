@@ -54,6 +54,7 @@ Recipe as ml-sid-dit runs it (training/sid_dit_training_loop.py; issue 11): loss
 Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
+    less memory: python gad_sid.py --batch-size 4 --grad-accum 2   (8 per optimiser step, 2 micro-batches of 4)
     CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
     plain SiD: --gad-weight 0.   fp32 finite differences instead of bf16 JVPs: --gad-jvp fd.   Overhead: --bench 5.
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
@@ -63,7 +64,6 @@ Reload with:
   pipe(prompt, sigmas=[1.0, 0.75, 0.5, 0.25], num_inference_steps=4, guidance_scale=1.0, use_resolution_binning=False,
        clean_caption=False)
 """
-import contextlib
 import copy
 import math
 import os
@@ -105,6 +105,7 @@ class Args:
     out: str = "runs/gad_sid"  # output directory
     steps: int = 5000  # training iterations (Table 11, SANA)
     batch_size: int = 8  # per GPU (Table 11, SANA)
+    grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda, cpu or auto
     seed: int = 0  # global seed (offset by rank)
@@ -263,9 +264,10 @@ def fake_guidance(args, uncond):
     return (uncond, args.cfg) if args.fake_cfg else (None, 1.0)
 
 
-def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, cond, uncond, batched, ac, G=None) -> dict:
+def generator_update(args, step, teacher, fake, x_g, sigma, eps, v_dir, cond, uncond, batched, ac, G=None, n=1) -> dict:
     """SiD generator loss at x_t = (1 - sigma) x_g + sigma eps with gradients reaching x_g directly and through
-    y_r, y_f (teacher and fake get none), plus lambda L_GAD (Eq. 7, 9); one optimiser step. Returns the losses.
+    y_r, y_f (teacher and fake get none), plus lambda L_GAD (Eq. 7, 9), back-propagated divided by n (one of n
+    micro-batches; the caller steps the optimiser). Returns the losses.
     --gad-path response needs the generator G: D then drives G's own x0 response at x_t instead of x_t."""
     h, (u_f, cfg_f) = args.gad_h, fake_guidance(args, uncond)
     fake.requires_grad_(False)
@@ -292,13 +294,12 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
         loss_gad = k * gad_surrogate(D, x_t)
         out["gad_gap"] = D.abs().mean().item()  # mean |w (Delta x0_F - Delta x0_T)| [/h]
     common.check_finite(step, loss_sid=loss_sid, loss_gad=loss_gad)
-    opt_g.zero_grad(set_to_none=True)
     if v_dir is not None and args.gad_path == "response":
         # DEVIATION (gad_tdm's repaired released block): D drives G's response G_x0(x_t + h v) - G_x0(x_t) at sg(x_t).
         # Eq. 9 through x_t is zero-mean over v to first order; this is a first-order push on G's Jacobian.
         # A second forward of G: the first backward accumulates without DDP's all-reduce.
-        with G.no_sync() if hasattr(G, "no_sync") else contextlib.nullcontext():
-            loss_sid.backward()
+        with common.no_sync(G):
+            (loss_sid / n).backward()
         x, vd = x_t.detach().float(), v_dir.float()
         if args.gad_jvp == "exact":  # back-propagating through the tangent (reverse over forward, common.jvp_pair)
             with ac if not args.gad_fp32 else torch.autocast(x.device.type, enabled=False):
@@ -309,10 +310,9 @@ def generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir, c
                 dS = y1 - y0
         loss_gad = k * gad_surrogate(D, dS / h if args.gad_form == "jvp" else dS)
         common.check_finite(step, loss_gad=loss_gad)
-        (args.gad_weight * loss_gad).backward()
+        (args.gad_weight * loss_gad / n).backward()
     else:
-        (loss_sid + args.gad_weight * loss_gad).backward()
-    opt_g.step()
+        ((loss_sid + args.gad_weight * loss_gad) / n).backward()
     fake.requires_grad_(True)
     return {"loss_sid": loss_sid.item(), "loss_gad": loss_gad.item(), **out}
 
@@ -407,35 +407,42 @@ def train(args: Args, pipe=None) -> dict:
             common.bench_hook(use_gad)
             common.seed_everything(args.seed + (step + 1) // 2, dist.rank)
             torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
-        # 0. a batch of prompts, initial noise z, the generator step k ~ U{1..K}
-        idx = torch.randint(len(prompts), (B,)).tolist()
-        cond, uncond = (to_dev(c) for c in encode([prompts[i] for i in idx]))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        z = torch.randn(common.latent_shape(pipe, B), device=device)
-        k = int(torch.randint(1, len(args.t_gen) + 1, ()))
+        t0, N, rows, samples = time.perf_counter(), args.grad_accum, [], []
+        opt_g.zero_grad(set_to_none=True)
+        for _ in common.micro_batches(N, G):  # gradients of N micro-batches, one step (common.micro_batches)
+            # 0. a batch of prompts, initial noise z, the generator step k ~ U{1..K}
+            idx = torch.randint(len(prompts), (B,)).tolist()
+            cond, uncond = (to_dev(c) for c in encode([prompts[i] for i in idx]))
+            z = torch.randn(common.latent_shape(pipe, B), device=device)
+            k = int(torch.randint(1, len(args.t_gen) + 1, ()))
 
-        # 1. generator sample x_g = D_k, only step k in the graph
-        with ac:
-            x_g = rollout(G, z, cond, args.t_gen, k)
+            # 1. generator sample x_g = D_k, only step k in the graph; kept (detached) for step 3
+            with ac:
+                x_g = rollout(G, z, cond, args.t_gen, k)
+            samples.append((x_g.detach(), cond, uncond))
 
-        # 2. generator update: SiD loss at x_t = (1 - sigma) x_g + sigma eps, plus lambda L_GAD (Eq. 7, 9)
-        sigma = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
-        eps = torch.randn_like(z)
-        v_dir = torch.randn_like(z)  # drawn even without GAD: runs with and without it see the same k, sigma, eps
-        last = generator_update(args, step, teacher, fake, opt_g, x_g, sigma, eps, v_dir if use_gad else None, cond,
-                                uncond, batched and use_gad, ac, G)
+            # 2. generator update: SiD loss at x_t = (1 - sigma) x_g + sigma eps, plus lambda L_GAD (Eq. 7, 9)
+            sigma = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
+            eps = torch.randn_like(z)
+            v_dir = torch.randn_like(z)  # drawn even without GAD: runs with and without it see the same k, sigma, eps
+            rows.append(dict(k=k, **generator_update(args, step, teacher, fake, x_g, sigma, eps, v_dir if use_gad else None,
+                                                     cond, uncond, batched and use_gad, ac, G, n=N)))
+        opt_g.step()
 
         # 3. fake-score update on sg(x_g) at a fresh sigma, eps
-        sigma_f = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
-        eps_f = torch.randn_like(z)
-        with ac:
-            v_F = velocity(F, renoise(x_g.detach(), eps_f, sigma_f), sigma_f, cond, *fake_guidance(args, uncond))
-        loss_fake = loss_scale(x_g, "fake", args.loss_reduction) * fake_score_loss(v_F, eps_f, x_g)
-        common.check_finite(step, loss_fake=loss_fake)
         opt_f.zero_grad(set_to_none=True)
-        loss_fake.backward()
+        for i in common.micro_batches(N, F):
+            x_g, cond, uncond = samples[i]
+            sigma_f = sample_sigma(B, args.sigma_logit_mean, args.sigma_logit_std, device)
+            eps_f = torch.randn_like(x_g)
+            with ac:
+                v_F = velocity(F, renoise(x_g, eps_f, sigma_f), sigma_f, cond, *fake_guidance(args, uncond))
+            loss_fake = loss_scale(x_g, "fake", args.loss_reduction) * fake_score_loss(v_F, eps_f, x_g)
+            common.check_finite(step, loss_fake=loss_fake)
+            (loss_fake / N).backward()
+            rows[i]["loss_fake"] = loss_fake.detach()
         opt_f.step()
         common.lr_step(scheds)
         ema.update_parameters(student) if ema else None
@@ -447,9 +454,9 @@ def train(args: Args, pipe=None) -> dict:
             continue
 
         # logging, samples, checkpoints (rank 0)
-        last["loss_fake"] = loss_fake.item()
+        last = common.mean_rows(rows)  # k: the mean generator step over the micro-batches
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
-            logger.log(step, k=k, sec=times[-1], **last)
+            logger.log(step, sec=times[-1], **last)
         if dist.is_main and common.due(step, args.sample_every, False):
             save_samples(step)
         if dist.is_main and common.due(step, args.ckpt_every, False) and step != args.steps:

@@ -89,6 +89,7 @@ Commands:
   constant lr, EMA of the student exported: --lr-schedule constant --lr-warmup 0 --ema-decay 0.999
   plain TDM:  python gad_tdm.py --gad-weight 0
   multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 64      (64 global, 8 per GPU)
+  less memory: python gad_tdm.py --batch-size 16 --grad-accum 4           (64 per optimiser step, 4 micro-batches of 16)
   CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
   evaluate:   python gad_tdm.py --eval --resume runs/gad_tdm/ckpt.pt [--feature-model openai/clip-vit-base-patch32]
   overhead:   python gad_tdm.py --model tiny --bench 20 --threads 1
@@ -99,7 +100,6 @@ Reload with:
   pipe(prompt, num_inference_steps=4, timesteps=[899, 674, 449, 224], guidance_scale=1.0, use_resolution_binning=False)
 (use_resolution_binning=False: the stock PixArt call otherwise snaps the size to its 256/512/1024 aspect-ratio tables)
 """
-import contextlib
 import copy
 import dataclasses
 import os
@@ -141,6 +141,7 @@ class Args:
     model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, 'tiny', or 'random' (real size)
     steps: int = 2000  # training iterations (Table 11)
     batch_size: int = 64  # global batch (Table 11), split across ranks
+    grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     out: str = "runs/gad_tdm"  # output directory
@@ -365,36 +366,58 @@ def train(args: Args) -> dict:
         tau = lo + (torch.rand(B, device=device) * (t_g - 10 - lo)).long()
         return k, t_g, t_mid, tau
 
-    def step_fn(step, use_gad):
-        idx = torch.randint(0, len(prompts), (B,))
-        cond = encode([prompts[i] for i in idx])[0]
-        z = torch.randn(common.latent_shape(pipe, B), device=device)
-        # 1. roll the student out without grad, keeping x at each of its timesteps
-        with ac():
-            _, states = sample(common.unwrap(student), z, cond, args.timesteps, abar, return_states=True)
-        states = torch.stack(states)  # (K, B, C, H, W)
-        pick = lambda k: states[k, torch.arange(B, device=device)]
+    N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
+    backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
 
-        # 2. fake-score update on the student's next ODE point, re-noised inside its own interval
-        k, t_g, t_mid, tau = draw_step()
-        noise = torch.randn_like(z)
-        with torch.no_grad(), ac():
-            eps_s, x0_s = predict(student, pick(k), t_g, cond, abar)
-        a_m, s_m = alpha_sigma(abar, t_mid)
-        x_tau = renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)
-        w = importance_weight(mixed_noise(eps_s, t_mid, tau, noise, abar), noise)
-        with ac():
-            _, x0_f = predict(fake_ddp, x_tau, tau, cond, abar)
-        loss_fake = tdm_fake_loss(x0_f, x0_s, tau, w, abar, args.snr_clip)
+    def step_fn(step, use_gad):
+        rollouts, rows = [], []
         opt_f.zero_grad(set_to_none=True)
-        (scaler.scale(loss_fake) if scaler else loss_fake).backward()
+        for _ in common.micro_batches(N, fake_ddp):
+            idx = torch.randint(0, len(prompts), (B,))
+            cond = encode([prompts[i] for i in idx])[0]
+            z = torch.randn(common.latent_shape(pipe, B), device=device)
+            # 1. roll the student out without grad, keeping x at each of its timesteps (step 3 reuses them)
+            with ac():
+                _, states = sample(common.unwrap(student), z, cond, args.timesteps, abar, return_states=True)
+            states = torch.stack(states)  # (K, B, C, H, W)
+            rollouts.append((cond, states))
+
+            # 2. fake-score update on the student's next ODE point, re-noised inside its own interval
+            k, t_g, t_mid, tau = draw_step()
+            noise = torch.randn_like(z)
+            with torch.no_grad(), ac():
+                eps_s, x0_s = predict(student, states[k, torch.arange(B, device=device)], t_g, cond, abar)
+            a_m, s_m = alpha_sigma(abar, t_mid)
+            x_tau = renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)
+            w = importance_weight(mixed_noise(eps_s, t_mid, tau, noise, abar), noise)
+            with ac():
+                _, x0_f = predict(fake_ddp, x_tau, tau, cond, abar)
+            loss_fake = tdm_fake_loss(x0_f, x0_s, tau, w, abar, args.snr_clip)
+            common.check_finite(step, loss_fake=loss_fake)
+            backward(loss_fake)
+            rows.append({"loss_fake": loss_fake.detach()})
         scaler.step(opt_f) if scaler else opt_f.step()
 
-        # 3. generator update: grad through x0_hat = S(x_{t_g}, t_g); teacher and fake at x_tau without grad
+        opt_g.zero_grad(set_to_none=True)
+        for i in common.micro_batches(N, student_ddp):  # 3. generator update on the same micro-batches
+            rows[i].update(generator_backward(step, use_gad, *rollouts[i]))
+        if scaler:
+            scaler.unscale_(opt_g)
+        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        scaler.step(opt_g) if scaler else opt_g.step()
+        if scaler:
+            scaler.update()
+        common.lr_step(scheds)
+        ema.update_parameters(student) if ema else None
+        return {**common.mean_rows(rows), "grad_norm": gnorm.item()}
+
+    def generator_backward(step, use_gad, cond, states):
+        """3. generator update on one micro-batch: grad through x0_hat = S(x_{t_g}, t_g); teacher and fake at x_tau
+        without grad; back-propagates (TDM loss + lambda L_GAD) / N (Eq. 7, 9)."""
         k, t_g, t_mid, tau = draw_step()
-        noise = torch.randn_like(z)
+        noise = torch.randn_like(states[0])
         with ac():
-            eps_s, x0_s = predict(student_ddp, pick(k), t_g, cond, abar)
+            eps_s, x0_s = predict(student_ddp, states[k, torch.arange(B, device=device)], t_g, cond, abar)
         a_m, s_m = alpha_sigma(abar, t_mid)
         x_tau = renoise(a_m * x0_s + s_m * eps_s, t_mid, tau, noise, abar)  # carries grad: dx_tau/dtheta (Eq. 9)
         xt = x_tau.detach()
@@ -412,8 +435,6 @@ def train(args: Args) -> dict:
             else:
                 with ac():
                     T_cfg, F_x0 = f_T(xt, 1), f_F(xt, 1)
-        backward = lambda loss: (scaler.scale(loss) if scaler else loss).backward()
-        opt_g.zero_grad(set_to_none=True)
         with ac():
             loss_tdm = tdm_generator_loss(x0_s, T_cfg, F_x0, args.huber_c)
             if use_gad and args.gad_path == "xtau":  # Eq. 9 with Eq. 7's lambda; gradient reaches theta via x_tau
@@ -423,25 +444,16 @@ def train(args: Args) -> dict:
             # DEVIATION (the released block, repaired): the same Eq. 9 vector drives the student's own response
             # S(x_tau + h v, tau) - S(x_tau, tau) at sg(x_tau) instead of x_tau. A second student forward, so the
             # first backward accumulates without DDP's all-reduce.
-            with student_ddp.no_sync() if dist.world_size > 1 else contextlib.nullcontext():
+            with common.no_sync(student_ddp):
                 backward(loss_g)
             f_S = lambda x, n: predict(student_ddp, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
             with fp32():  # exact: back-propagating through the tangent (reverse over forward, common.jvp_pair)
                 dS = student_response(f_S, x_tau, v, h, args.gad_jvp, args.gad_form)  # at sg(x_tau)
             gad, mismatch = gad_surrogate(dS, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = args.gad_weight * gad
-        common.check_finite(step, loss_fake=loss_fake, loss_tdm=loss_tdm, gad=gad)
+        common.check_finite(step, loss_tdm=loss_tdm, gad=gad)
         backward(loss_g)
-        if scaler:
-            scaler.unscale_(opt_g)
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        scaler.step(opt_g) if scaler else opt_g.step()
-        if scaler:
-            scaler.update()
-        common.lr_step(scheds)
-        ema.update_parameters(student) if ema else None
-        return {"loss_fake": loss_fake.item(), "loss_tdm": loss_tdm.item(), "gad_mismatch": mismatch.item(),
-                "grad_norm": gnorm.item()}
+        return {"loss_tdm": loss_tdm.detach(), "gad_mismatch": mismatch}
 
     if args.bench:
         return bench(args, step_fn, device)

@@ -1,13 +1,14 @@
-"""Peak CPU memory and time of loading a real-size denoiser with and without low-CPU-memory loading.
+"""Peak CPU memory and time of loading a real-size denoiser with and without accelerate's low-memory path.
 
   python bench/load_memory.py pixart sd21       # families; each: save a random real-size denoiser, load it twice
 
-diffusers' and transformers' `from_pretrained` load with low CPU memory (weights materialised once, on the meta
-device first) only when `accelerate` is installed; without it they warn, fall back to `low_cpu_mem_usage=False`,
-build the model with random initialisation and then copy the checkpoint in: two copies and an initialisation pass.
-Passing `low_cpu_mem_usage=False` with accelerate installed takes that same fallback path, so each load below runs in
-a fresh process (peak RSS: VmHWM of /proc/self/status; getrusage's maxrss would carry the parent's peak across exec) with the flag set either way. The saved model is the family's `--model
-random` denoiser in fp32 (safetensors), written to a temporary directory that is removed afterwards.
+diffusers' `from_pretrained` loads with low CPU memory only when `accelerate` is installed; without it, it warns and
+falls back to `low_cpu_mem_usage=False`. peft (requirements.txt) depends on accelerate, so it is installed here; the
+"without" rows emulate its absence by making diffusers' own availability check (`modeling_utils.
+is_accelerate_available`) answer False in that process, which is the branch a missing package takes. Each load runs in
+a fresh process (peak RSS: VmHWM of /proc/self/status; getrusage's maxrss would carry the parent's peak across exec),
+measured after loading and again after reading every weight once (as moving the model to a GPU does). The saved model
+is the family's `--model random` denoiser in fp32 (safetensors), in a temporary directory removed afterwards.
 """
 import os
 import shutil
@@ -47,7 +48,8 @@ def load(path: str, cls_name: str, with_accelerate: bool) -> None:
 def main(families: list) -> None:
     import common
 
-    print("| denoiser | weights (GiB, fp32) | accelerate | load s | peak RSS after loading (GiB) | after reading every weight (GiB) |")
+    print("| denoiser | weights (GiB, fp32) | accelerate | load s | peak RSS after loading (GiB) |"
+          " after reading every weight (GiB) |")
     print("|---|---|---|---|---|---|")
     for family in families:
         tmp = tempfile.mkdtemp(prefix=f"load_{family}_")

@@ -97,11 +97,15 @@ def _setup(kind, file, out, tmp):
 
 
 _MODEL_FILES = ("gad_tdm", "gad_sid", "gad_ladd", "dpdmd", "adm")
+_ACCUM_FILES = ("gad_tdm", "gad_sid", "dpdmd", "adm")  # --grad-accum (issue 15)
 # (case, files, setup, argv, message): every case must exit 2 before any model loads
 CASES = [
     ("steps 0", _MODEL_FILES, None, ["--steps", "0"], r"argument --steps: must be >= 1 \(got 0\)"),
     ("steps -5", ("gad_tdm", "adm"), None, ["--steps", "-5"], r"argument --steps: must be >= 1"),
     ("batch 0", _MODEL_FILES, None, ["--batch-size", "0"], r"argument --batch-size: must be >= 1"),
+    ("--grad-accum 0", _ACCUM_FILES, None, ["--grad-accum", "0"], r"argument --grad-accum: must be >= 1 \(got 0\)"),
+    ("resume, --grad-accum changed", _ACCUM_FILES, "ckpt", ["--resume", "latest", "--grad-accum", "2"],
+     r"change the experiment.*\n  --grad-accum: checkpoint 1, now 2"),  # the global batch
     ("period -1", _MODEL_FILES, None, ["--ckpt-every", "-1"], r"argument --ckpt-every: must be >= 0"),
     ("lr nan", ("gad_tdm", "dpdmd"), None, ["--lr", "nan"], r"argument --lr: must be > 0"),
     ("--lr-d 0", ("adm",), None, ["--lr-d", "0"], r"argument --lr-d: must be > 0"),

@@ -221,7 +221,8 @@ def _same(sd1, sd2):
 def test_resume_is_exact_and_updates_alternate(pipes, tmp_path):
     # a cosine lr (full lr at step 1, half at step 2): the default 500-step warm-up would give step 1 lr 0
     pipe = pipes["sd3"]
-    quiet = dict(eval=False, sample_every=0, export=False, lr_schedule="cosine_with_restarts", lr_warmup=0)
+    quiet = dict(eval=False, sample_every=0, export=False, lr_schedule="cosine_with_restarts", lr_warmup=0,
+                 batch_size=1, grad_accum=2)  # issue 15: 2 micro-batches per step
     full = dpdmd.train(_args(tmp_path / "a", "sd3", **quiet), pipe=pipe)
     dpdmd.train(_args(tmp_path / "b", "sd3", steps=1, **quiet), pipe=pipe)
     s1 = {n: _weights(tmp_path / "b/ckpt.pt", n) for n in ("student", "fake")}

@@ -201,11 +201,10 @@ def test_generator_update_gradient_routing(pipe, conds, tmp_path):
     with torch.no_grad():  # make fake differ from the teacher so both SiD and GAD are non-zero
         for p in fake.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    opt = torch.optim.SGD(student.parameters(), lr=0.0)
     cond, uncond = conds
     z = torch.randn(common.latent_shape(pipe, B))
     x_g = gs.rollout(student, z, cond, args.t_gen, 2)
-    out = gs.generator_update(args, 1, teacher, fake, opt, x_g, torch.tensor([0.4, 0.6]), torch.randn_like(z),
+    out = gs.generator_update(args, 1, teacher, fake, x_g, torch.tensor([0.4, 0.6]), torch.randn_like(z),
                               torch.randn_like(z), cond, uncond, True, common.autocast(z.device, torch.float32))
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is None for p in fake.parameters()) and all(p.requires_grad for p in fake.parameters())
@@ -225,9 +224,8 @@ def test_batched_and_separate_gad_agree(pipe, conds, tmp_path):
     outs = []
     for batched in (True, False):
         student = copy.deepcopy(pipe.transformer).requires_grad_(True)
-        opt = torch.optim.SGD(student.parameters(), lr=0.0)
         x_g = gs.rollout(student, z, conds[0], args.t_gen, 1)
-        outs.append(gs.generator_update(args, 1, pipe.transformer, fake, opt, x_g, torch.tensor([0.3, 0.9]), eps, v_dir,
+        outs.append(gs.generator_update(args, 1, pipe.transformer, fake, x_g, torch.tensor([0.3, 0.9]), eps, v_dir,
                                         *conds, batched, common.autocast(z.device, torch.float32)))
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
     assert outs[0]["loss_sid"] == pytest.approx(outs[1]["loss_sid"], rel=1e-4)
@@ -282,9 +280,10 @@ def test_eval_metrics(pipe, tmp_path):
 
 
 def test_resume_is_exact(pipe, tmp_path):
-    full = gs.train(tiny_args(tmp_path / "a", steps=3), pipe=pipe)
-    gs.train(tiny_args(tmp_path / "b", steps=2), pipe=pipe)
-    resumed = gs.train(tiny_args(tmp_path / "b", steps=3, resume="latest"), pipe=pipe)
+    accum = dict(batch_size=1, grad_accum=2)  # 2 micro-batches per step (issue 15)
+    full = gs.train(tiny_args(tmp_path / "a", steps=3, **accum), pipe=pipe)
+    gs.train(tiny_args(tmp_path / "b", steps=2, **accum), pipe=pipe)
+    resumed = gs.train(tiny_args(tmp_path / "b", steps=3, resume="latest", **accum), pipe=pipe)
     for k in ("loss_sid", "loss_gad", "loss_fake"):
         assert resumed[k] == full[k], k
     wa, wb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["models"]["student"] for d in ("a", "b"))
@@ -326,7 +325,7 @@ def test_response_path_reaches_the_generator_through_its_own_response(pipe, cond
         torch.manual_seed(0)
         student = copy.deepcopy(teacher).requires_grad_(True)
         x_g = gs.rollout(student, z, cond, args.t_gen, 2)
-        gs.generator_update(args, 1, teacher, fake, torch.optim.SGD(student.parameters(), lr=0.0), x_g,
+        gs.generator_update(args, 1, teacher, fake, x_g,
                             torch.tensor([0.4, 0.6]), eps, None if name == "base" else v_dir, cond, uncond, False,
                             common.autocast(z.device, torch.float32), G=student)
         grads[name] = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])

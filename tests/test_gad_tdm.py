@@ -283,7 +283,7 @@ def test_resume_continues_exactly(tmp_path):
     from safetensors.torch import load_file
 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    kw = {**TINY, "ckpt_every": 2, "ema_decay": 0.5}
+    kw = {**TINY, "ckpt_every": 2, "ema_decay": 0.5, "batch_size": 1, "grad_accum": 2}  # 2 micro-batches a step
     full = M.train(M.Args(**kw, steps=4, out=a))
     M.train(M.Args(**kw, steps=2, out=b))
     resumed = M.train(M.Args(**kw, steps=4, out=b, resume="latest"))
@@ -318,7 +318,8 @@ def test_torchrun_two_processes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(ROOT, "gad_tdm.py"), "--model", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu",
-           "--sample-every", "1000", "--eval-teacher-steps", "2", "--gad-path", "response", "--out", str(tmp_path / "ddp")]
+           "--sample-every", "1000", "--eval-teacher-steps", "2", "--gad-path", "response", "--grad-accum", "2",
+           "--out", str(tmp_path / "ddp")]  # --grad-accum: DDP's no_sync on the first micro-batch (issue 15)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row["step"] for row in common.Logger.read(str(tmp_path / "ddp" / "metrics.jsonl"))] == [1, 2]
