@@ -1,0 +1,59 @@
+"""Two CPU processes (gloo) in ONE torchrun launch of tests/distributed_checks.py: FSDP2 against one process on the
+same global batch, a JVP through a sharded network, gathered save -> sharded (offloaded) resume, and gad_tdm.py
+under --fsdp --grad-ckpt and under DDP. Also the refusals that need no launch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+import gad_tdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           os.path.join(ROOT, "tests", "distributed_checks.py"), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    with open(out / "results.json") as f:
+        return json.load(f)
+
+
+def test_fsdp2_two_processes_equal_one_process_on_the_same_global_batch(results):
+    assert results["sharded"] == ["DTensor", True]  # really sharded, not replicated
+    assert results["loss_fsdp"] == pytest.approx(results["loss_single"], rel=1e-6)
+    assert results["loss_fsdp"][1] < results["loss_fsdp"][0]  # the second loss comes after a real update
+    assert results["weights_max_diff"] < 1e-4 * results["weights_moved"]
+
+
+def test_forward_mode_jvp_through_a_sharded_frozen_network(results):
+    assert results["jvp_rel_err"] < 1e-6 and results["jvp_primal_max_diff"] < 1e-6
+
+
+def test_gathered_checkpoint_resumes_into_sharded_offloaded_models(results):
+    assert results["loss_resumed"] == results["loss_continued"] and results["resume_weights_max_diff"] == 0
+    assert results["file_vs_gathered_max_diff"] == 0  # full weights in the plain format
+    assert results["file_optimizer_keys"] == ["param_groups", "state"]
+
+
+def test_gad_tdm_sharded_and_ddp_runs_checkpoint_and_export(results):
+    assert results["fsdp_steps"] == [1, 2] and results["fsdp_run"]["gad_mismatch"] > 0
+    assert results["export_vs_ckpt_max_diff"] == 0  # the exported student is the gathered one
+    assert results["ddp_steps"] == [1, 2] and results["ddp_pipeline"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(offload=True), "--offload: needs --fsdp"),
+    (dict(fsdp=True, gad_path="response"), "--fsdp: not with --gad-path response and --gad-jvp exact"),
+    (dict(grad_ckpt=True, gad_path="response"), "--grad-ckpt: not with --gad-path response and --gad-jvp exact"),
+])
+def test_refused_before_loading(tmp_path, flags, message):
+    with pytest.raises(common.UsageError, match=message):
+        gad_tdm.train(gad_tdm.Args(model="tiny", device="cpu", out=str(tmp_path / "r"), **flags))
