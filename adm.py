@@ -37,6 +37,7 @@ Commands
   GPU, SD3-M 4-step ADM:  python adm.py --family sd3 --steps 8000 --batch-size 4
   GPU, SDXL DMDX:         python adm.py --family sdxl --pipeline dmdx --steps 8000 --batch-size 4
   torchrun:               torchrun --nproc_per_node 8 adm.py --family sdxl --pipeline dmdx
+  sharded:                torchrun --nproc_per_node 8 adm.py --family sd3 --fsdp --grad-ckpt   (README "Scale")
   CPU tiny:               CPU_THREADS=1 python adm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
 Expect out/metrics.jsonl (loss_g, loss_d, loss_fake, dmd, d_fake, d_real, diversity), curves.png, grid_<step>.png,
 ckpt.pt and pipeline/. loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
@@ -89,7 +90,7 @@ class Args:
     model: str = ""  # hub id, local dir, 'tiny' or 'random' (real size); '' = the family's default (SD3-Medium, SDXL-Base)
     out: str = "runs/adm"  # output directory
     steps: int = 8000  # generator iterations per stage (Sec. 5: 8K)
-    batch_size: int = 4  # per-GPU batch (Table 7: micro batch 4)
+    batch_size: int = 4  # per-GPU micro-batch (Table 7: micro batch 4); global = batch x accumulation x GPUs
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     device: str = "auto"  # cuda / cpu / auto
     seed: int = 0  # global seed (offset by rank)
@@ -101,6 +102,9 @@ class Args:
     eval: bool = True  # diversity metric on the grid samples
     prompts: str = ""  # prompt file, one per line ('' = built-in list)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
+    grad_ckpt: bool = False  # gradient checkpointing of generator and fake (diffusers enable_gradient_checkpointing)
+    fsdp: bool = False  # FSDP2: shard generator, fake, heads and teacher per block (default: DDP)
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
 
 
 # ---- Schedules (Eq. 1) and the paper's equations as pure functions ---------------------------------------
@@ -519,10 +523,17 @@ def train_stage(args: Args) -> dict:
             M.pixel = PixelEncoder(enc, args.pixel_layers, dev)
             pix_ch = [f.shape[1] for f in M.pixel(torch.zeros(1, 3, 64, 64, device=dev))]
     M.D_u = Discriminator(lat_ch, pix_ch, args.head_channels).to(dev)
+    M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train() if args.stage == "adm" else None
+    if not ckpt_path and args.init:  # DMDX: the ADM stage starts from the ADP generator
+        M.G_u.load_state_dict(common.read_checkpoint(args.init)["models"]["G"])
+    for net in (M.G_u, M.fake_u) if args.grad_ckpt else ():
+        net.enable_gradient_checkpointing() if net is not None else None
+    # DDP (default) or FSDP2 (--fsdp) before the optimizers: FSDP2 replaces the parameters by their shards
+    wrap = lambda net: common.wrap(net, dist, args.fsdp, args.offload)
+    M.G, M.D, M.fake = wrap(M.G_u), wrap(M.D_u), wrap(M.fake_u) if args.stage == "adm" else None
     adamw = lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=tuple(args.betas), weight_decay=0.0)
     models, M.opt = {"G": M.G_u, "D": M.D_u}, {"G": adamw(M.G_u, lr_g), "D": adamw(M.D_u, args.lr_d)}
     if args.stage == "adm":
-        M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train()
         models["fake"], M.opt["fake"] = M.fake_u, adamw(M.fake_u, args.lr_fake)
     if dtype != torch.float32:  # frozen parts (teacher = D backbone, text encoders, VAE) in the compute dtype
         pipe.to(dtype=dtype)
@@ -532,16 +543,13 @@ def train_stage(args: Args) -> dict:
         start = common.load_checkpoint(ckpt_path, models, M.opt, M.scaler)["step"]
     else:
         common.seed_everything(args.seed, dist.rank)  # same models on every rank (built above), data differ per rank
-        if args.init:  # DMDX: the ADM stage starts from the ADP generator
-            M.G_u.load_state_dict(common.read_checkpoint(args.init)["models"]["G"])
-    M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
-    M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
     prompts = common.read_prompts(args.prompts)
     if args.stage == "adp":  # pairs live in a directory named by the settings that made them
         key = "|".join(map(str, [model, args.pairs, args.shard_size, args.pair_steps, args.pair_cfg, args.seed, *prompts]))
         pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])
         make_pairs(pipe, teacher, M.sch, family, prompts, args, pair_dir, dist)
         Z, X0, pair_prompts = load_pairs(pair_dir, math.ceil(args.pairs / args.shard_size))
+    wrap(teacher)  # the D backbone: sharded by --fsdp only now, as the pairs above split the ranks' work unevenly
     logger = common.Logger(args.out, args.steps, start, dist.is_main, desc=args.stage)
     metrics = {}
     for step in range(start + 1, args.steps + 1):
@@ -558,19 +566,19 @@ def train_stage(args: Args) -> dict:
         logger.update()
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **metrics)
-        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
+        if common.due(step, args.sample_every, step == args.steps):  # every rank (FSDP2's forwards), rank 0 writes
             div = sample_grid(M, prompts, family, dev, os.path.join(args.out, f"grid_{step:06d}.png"), args.eval)
             if div is not None:
                 metrics["diversity"] = div
                 logger.log(step, diversity=div)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
+        if common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, M.opt, step, args, M.scaler,
                                    extra={"stage": args.stage, "gen_steps": N})
         common.barrier()
     logger.close()
-    if dist.is_main:  # the docstring's "Reload with" call (no CFG, Sec. 5)
-        common.export_pipeline(pipe, M.G_u, os.path.join(args.out, "pipeline"), scheduler=export_scheduler(pipe, family))
+    # the docstring's "Reload with" call (no CFG, Sec. 5); every rank gathers, rank 0 writes
+    common.export_pipeline(pipe, M.G_u, os.path.join(args.out, "pipeline"), scheduler=export_scheduler(pipe, family))
     common.barrier()
     return metrics
 

@@ -32,6 +32,7 @@ Deviations (each also marked `# DEVIATION:` at its line)
 Commands
   GPU:      python gad_ladd.py --model stabilityai/stable-diffusion-2-1-base --prompts coco.txt --n-data 65536 --eval
   torchrun: torchrun --nproc_per_node 8 gad_ladd.py --prompts coco.txt --n-data 65536   (shards split across ranks)
+  sharded:  add --fsdp --grad-ckpt --gad-jvp fd   (FSDP2 and checkpointing need the fd response; README "Scale")
   CPU tiny: python gad_ladd.py --model tiny --steps 20 --batch-size 4 --n-data 32 --shard-size 8 --teacher-steps 10 --eval
   base LADD: --gad-weight 0.  Overhead: --bench 30.
 Reload with (DDIM trailing + set_alpha_to_one: one UNet call at t = 999, x0 out):
@@ -63,7 +64,7 @@ class Args:
     lr: float = 1e-6  # student learning rate, AdamW (0.9, 0.999) (Table 11)
     lr_d: float = 1e-6  # discriminator-head learning rate (Nitro-1)
     steps: int = 100_000  # training iterations (Table 11)
-    batch_size: int = 64  # batch per GPU (Table 11)
+    batch_size: int = 64  # per-GPU micro-batch (Table 11: 64 per GPU); global = batch x accumulation x GPUs
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA (Table 11), fp32 on CPU
     h: float = 1e-4  # perturbation scale h (Table 11): the teacher's stored pair; the student's with --gad-jvp fd
     gad_jvp: Literal["exact", "fd"] = "exact"  # student response: h J v by forward-mode AD, or the fp32 z, z' pair
@@ -98,7 +99,9 @@ class Args:
     eval: bool = False  # run the evaluation at the end
     prompts: str = ""  # prompt file, one per line; '' = built-in list
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
-    grad_ckpt: bool = False  # gradient checkpointing in the student (with GAD on, needs --gad-jvp fd)
+    grad_ckpt: bool = False  # gradient checkpointing of the student (with GAD on, needs --gad-jvp fd)
+    fsdp: bool = False  # FSDP2: shard student and heads per block (the teacher stays replicated); default DDP
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
     bench: int = 0  # >0: time N interleaved GAD/base steps on synthetic data, print ratios, exit
 
 
@@ -520,6 +523,9 @@ def train(args) -> dict:
     torch.backends.cudnn.allow_tf32 = False
     common.require(not (args.grad_ckpt and args.gad_weight > 0 and args.gad_jvp == "exact"),  # drops the tangents
                    "argument --grad-ckpt: needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
+    common.require(not (args.fsdp and args.gad_weight > 0 and args.gad_jvp == "exact"),  # tests/test_distributed.py
+                   "argument --fsdp: needs --gad-jvp fd (FSDP2's backward hook, an autograd Function without a "
+                   "forward-AD rule, refuses the student's JVP with gradients)")
     common.seed_everything(args.seed, dist.rank)
     ctx, scaler = common.autocast(device, dtype), common.make_scaler(device, dtype)
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)
@@ -532,10 +538,9 @@ def train(args) -> dict:
     S = copy.deepcopy(unet).requires_grad_(True).train()
     S.enable_gradient_checkpointing() if args.grad_ckpt else None
     heads = DHeads(unet).to(device)
-    opt_g = torch.optim.AdamW(S.parameters(), args.lr, betas=(0.9, 0.999))
-    opt_d = torch.optim.AdamW(heads.parameters(), args.lr_d, betas=(0.9, 0.999))
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr, betas=(0.9, 0.999))
     if args.bench:
-        return benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device)
+        return benchmark(S, heads, unet, adamw(S, args.lr), adamw(heads, args.lr_d), scaler, args, ctx, ab, pt, device)
 
     if args.stage in ("data", "all"):  # 1. teacher pairs (skips shards already on disk)
         make_data(pipe, args, dist, prompts)
@@ -543,10 +548,13 @@ def train(args) -> dict:
             return common.cleanup() or {"data_dir": data_dir(args)}
     shards = load_data(args, device)
 
+    # DDP (default) or FSDP2 (--fsdp) before the optimizers (FSDP2 replaces the parameters by their shards). The
+    # teacher stays replicated: the discriminator runs its submodules (backbone_features), not the hooked forward
+    S_ddp, heads_ddp = (common.wrap(net, dist, args.fsdp, args.offload) for net in (S, heads))
+    opt_g, opt_d = adamw(S, args.lr), adamw(heads, args.lr_d)
     start = 0
     if ckpt_path:
         start = common.load_checkpoint(ckpt_path, {"student": S, "heads": heads}, {"g": opt_g, "d": opt_d}, scaler)["step"]
-    S_ddp, heads_ddp = common.wrap_ddp(S, dist), common.wrap_ddp(heads, dist)
     log, row = common.Logger(args.out, args.steps, start, dist.is_main), {}
     for step in range(start + 1, args.steps + 1):
         idx = torch.randint(0, args.n_data, (args.batch_size,))  # all randomness from the global torch RNG
@@ -555,22 +563,22 @@ def train(args) -> dict:
         common.check_finite(step, **row)
         if common.due(step, args.log_every, step == args.steps):
             log.log(step, **row)
-        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
+        if common.due(step, args.sample_every, step == args.steps):  # every rank (FSDP2), rank 0 writes
             save_samples(pipe, S, os.path.join(args.out, f"samples_{step:06d}.png"), device, ab, pt, prompts)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
+        if common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {"student": S, "heads": heads},
                                    {"g": opt_g, "d": opt_d}, step, args, scaler)
         log.update()
     log.close()
     result = dict(row)
-    if dist.is_main:
-        common.export_pipeline(pipe, S, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))
-        if args.eval:
-            result.update(evaluate(pipe, S.eval(), args, device, prompts))
+    common.export_pipeline(pipe, S, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))  # rank 0 writes
+    if args.eval:  # every rank computes (FSDP2's forwards are collective), rank 0 writes
+        result.update(evaluate(pipe, S.eval(), args, device, prompts))
+        if dist.is_main:
             with open(os.path.join(args.out, "eval.json"), "w") as f:
                 json.dump({**result, "args": asdict(args)}, f, indent=1)
-            common.print0(json.dumps(result))
+        common.print0(json.dumps(result))
     common.barrier()
     common.cleanup()
     return result
