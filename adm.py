@@ -30,7 +30,8 @@ Deviations
   - ADP, DDPM teachers (SDXL): the paper switches the target to the pair velocity without saying how an ε-UNet does
     it. We keep ε: input = the pair's interpolation at the SNR of t at the UNet's scale, x_t = α_t x0 + σ_t z (for flow
     models exactly (1-t) x0 + t z); ε predicts the pair noise z, i.e. the velocity z - x0 by a fixed conversion.
-  - SD3-M is LoRA-tuned in the paper; we tune all weights with plain DDP (no FSDP / CPU offload).
+  - SD3-M is LoRA-tuned in the paper; we tune all weights, with DDP by default or FSDP2 (--fsdp, --offload for CPU
+    offload). Under --fsdp the rollout length n of Alg. 1 l. 15 is rank 0's draw on every rank (collective G).
   - Diversity: common.diversity (1 - mean pairwise cosine) on 32x32 decoded pixels, not LPIPS (Table 6).
 
 Commands
@@ -388,7 +389,7 @@ def adm_step(M, cond, uncond, args, dev):
         loss_fake = pretrain_loss(out, x0, z_f, sch.flow)
         opt_step(loss_fake, M.opt["fake"], M.scaler)
     # l. 15-17: roll G without grad to t_n, then x̂0 = G(x_{t_n}, t_n) with grad
-    n = int(torch.randint(len(M.ts), ()))
+    n = common.same_on_all_ranks(int(torch.randint(len(M.ts), ())), args.fsdp)  # FSDP2: rank 0's n (collective G)
     with torch.no_grad(), ac():
         x_tn = rollout(M.G_u, torch.randn(shape, device=dev), cond, sch, M.ts, n)
     t_n = M.ts[n].expand(B).to(dev)

@@ -186,6 +186,16 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+def same_on_all_ranks(x: int, sharded: bool) -> int:
+    """Rank 0's draw of a per-step random integer that sets how often a network runs (a rollout length) when that
+    network is sharded: FSDP2's forwards are collective, so every rank must run it equally often. Otherwise the
+    rank's own draw (DDP: each rank draws its own)."""
+    if not sharded or not torch_dist.is_initialized():
+        return x
+    box = [x]
+    torch_dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
 def _owner(opt, models: dict):
     """The sharded model whose parameters `opt` updates (None for plain and DDP models)."""
     mine = {id(p) for g in opt.param_groups for p in g["params"]}

@@ -386,6 +386,8 @@ def optimize(loss, params, opt, scaler, clip):
 def train_step(S, heads, unet, opt_g, opt_d, scaler, batch, args, ctx, alphas_bar, pt):
     loss_g, x0_hat, logs = g_step(S, heads, unet, batch, args, ctx, alphas_bar, pt)  # 1. generator update
     optimize(loss_g, S.parameters(), opt_g, scaler, args.clip)
+    common.unwrap(heads).requires_grad_(True)  # again after the backward: under FSDP2 g_step's call reached the
+    # gathered parameters, which the backward swaps back for the shards
     loss_d, dlogs = d_step(heads, unet, x0_hat, batch, args, ctx, alphas_bar)  # 2. discriminator update
     optimize(loss_d, heads.parameters(), opt_d, scaler, args.clip)
     if scaler:

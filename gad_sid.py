@@ -45,6 +45,8 @@ Deviations:
     - Non-finite loss stops the run naming the step; released SiD drops NaN samples silently.
     - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
     - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
+    - --fsdp: the generator step k is rank 0's draw on every rank (a sharded G must run equally often on all ranks);
+      under DDP each rank draws its own k.
 Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
@@ -407,7 +409,7 @@ def train(args: Args, pipe=None) -> dict:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         z = torch.randn(common.latent_shape(pipe, B), device=device)
-        k = int(torch.randint(1, len(args.t_gen) + 1, ()))
+        k = common.same_on_all_ranks(int(torch.randint(1, len(args.t_gen) + 1, ())), args.fsdp)  # (FSDP2: rank 0's k)
 
         # 1. generator sample x_g = D_k, only step k in the graph
         with ac:

@@ -7,6 +7,7 @@
      holds full weights that a plain model loads.
   4. gad_tdm.py end to end with --fsdp --grad-ckpt (sharded student, fake and teacher; checkpoint; gathered export),
      then with DDP (--gad-path response, the no_sync path).
+  5. gad_sid.py with --fsdp --grad-ckpt --gad-path response --gad-jvp fd.
 """
 import copy
 import json
@@ -18,10 +19,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import gad_sid  # noqa: E402
 import gad_tdm  # noqa: E402
 
 OUT, T0 = sys.argv[1], time.perf_counter()
 dist = common.init_distributed("cpu")
+cleanup, common.cleanup = common.cleanup, lambda: None  # one process group for the launch: train() ends by destroying
+# it, and re-creating one under torchrun can hang (a rank may join a stale group); destroyed once, at the end
 rank, W = dist.rank, dist.world_size
 torch.manual_seed(0)
 pipe = common.load_pipeline("pixart", "tiny")
@@ -92,7 +96,7 @@ if rank == 0:
     res["file_optimizer_keys"] = sorted(saved["optimizers"]["opt"])
 
 res["t_checks"] = time.perf_counter() - T0
-# 4. the real file: sharded, then DDP (each train() ends by destroying the process group; the next re-creates it)
+# 4. the real file: sharded, then DDP
 TINY = dict(model="tiny", steps=2, batch_size=2, device="cpu", sample_every=1000, eval_teacher_steps=2)
 run = os.path.join(OUT, "fsdp")
 res["fsdp_run"] = gad_tdm.train(gad_tdm.Args(**TINY, out=run, fsdp=True, grad_ckpt=True))
@@ -102,12 +106,20 @@ if rank == 0:
     exported = PixArtTransformer2DModel.from_pretrained(os.path.join(run, "pipeline"), subfolder="transformer")
     student = common.read_checkpoint(os.path.join(run, "ckpt.pt"))["models"]["student"]
     res["export_vs_ckpt_max_diff"] = max((exported.state_dict()[k] - student[k]).abs().max().item() for k in student)
-    res["fsdp_steps"] = [r["step"] for r in common.Logger.read(os.path.join(run, "metrics.jsonl"))]
+    res["fsdp_rows"] = common.Logger.read(os.path.join(run, "metrics.jsonl"))
 res["t_fsdp_run"] = time.perf_counter() - T0
 res["ddp_run"] = gad_tdm.train(gad_tdm.Args(**TINY, out=os.path.join(OUT, "ddp"), gad_path="response"))
+# 5. gad_sid.py sharded, with the fd response path (a second student forward with grad) and a per-step rollout length
+# that must agree across ranks (common.same_on_all_ranks)
+sid_out = os.path.join(OUT, "sid")
+res["sid_run"] = gad_sid.train(gad_sid.Args(model="tiny", steps=2, batch_size=2, sample_every=0, ckpt_every=100,
+                                            log_every=1, out=sid_out, device="cpu", export=False, fsdp=True,
+                                            grad_ckpt=True, gad_path="response", gad_jvp="fd"))
 if rank == 0:
-    res["t_ddp_run"] = time.perf_counter() - T0
-    res["ddp_steps"] = [r["step"] for r in common.Logger.read(os.path.join(OUT, "ddp", "metrics.jsonl"))]
+    res["t_ddp_sid_runs"] = time.perf_counter() - T0
+    res["sid_rows"] = common.Logger.read(os.path.join(sid_out, "metrics.jsonl"))
+    res["ddp_rows"] = common.Logger.read(os.path.join(OUT, "ddp", "metrics.jsonl"))
     res["ddp_pipeline"] = os.path.exists(os.path.join(OUT, "ddp", "pipeline", "model_index.json"))
     with open(os.path.join(OUT, "results.json"), "w") as fh:
         json.dump(res, fh, indent=1)
+cleanup()

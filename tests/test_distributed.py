@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) in ONE torchrun launch of tests/distributed_checks.py: FSDP2 against one process on the
 same global batch, a JVP through a sharded network, gathered save -> sharded (offloaded) resume, and gad_tdm.py
-under --fsdp --grad-ckpt and under DDP. Also the refusals that need no launch."""
+under --fsdp --grad-ckpt and under DDP, gad_sid.py under --fsdp. Also the refusals that need no launch."""
+import importlib
 import json
 import os
 import subprocess
@@ -9,7 +10,6 @@ import sys
 import pytest
 
 import common
-import gad_tdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,16 +44,29 @@ def test_gathered_checkpoint_resumes_into_sharded_offloaded_models(results):
 
 
 def test_gad_tdm_sharded_and_ddp_runs_checkpoint_and_export(results):
-    assert results["fsdp_steps"] == [1, 2] and results["fsdp_run"]["gad_mismatch"] > 0
+    fsdp, ddp = results["fsdp_rows"], results["ddp_rows"]
+    assert [r["step"] for r in fsdp] == [1, 2] and [r["step"] for r in ddp] == [1, 2] and results["ddp_pipeline"]
     assert results["export_vs_ckpt_max_diff"] == 0  # the exported student is the gathered one
-    assert results["ddp_steps"] == [1, 2] and results["ddp_pipeline"]
+    # step 1's losses come before the generator's first update, so the sharded (xtau) and the DDP (response) runs agree
+    for k in ("loss_fake", "loss_tdm", "gad_mismatch"):
+        assert fsdp[0][k] == pytest.approx(ddp[0][k], rel=1e-5) and fsdp[0][k] > 0, k
+    assert fsdp[1]["loss_fake"] != pytest.approx(ddp[1]["loss_fake"], rel=1e-7)  # and then the two routes differ
 
 
-@pytest.mark.parametrize("flags, message", [
-    (dict(offload=True), "--offload: needs --fsdp"),
-    (dict(fsdp=True, gad_path="response"), "--fsdp: not with --gad-path response and --gad-jvp exact"),
-    (dict(grad_ckpt=True, gad_path="response"), "--grad-ckpt: not with --gad-path response and --gad-jvp exact"),
+def test_gad_sid_sharded_with_the_fd_response_path(results):
+    rows = results["sid_rows"]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss_gad"] != 0 and r["gad_gap"] > 0 and r["loss_fake"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("file, flags, message", [
+    ("gad_tdm", dict(offload=True), "--offload: needs --fsdp"),
+    ("gad_tdm", dict(fsdp=True, dtype="fp16"), "--fsdp: --dtype fp16"),
+    ("gad_tdm", dict(fsdp=True, gad_path="response"), "--fsdp: not with --gad-path response and --gad-jvp exact"),
+    ("gad_tdm", dict(grad_ckpt=True, gad_path="response"), "--grad-ckpt: not with --gad-path response and --gad-jvp exact"),
+    ("gad_sid", dict(fsdp=True, gad_path="response"), "--fsdp: not with --gad-path response and --gad-jvp exact"),
+    ("gad_ladd", dict(fsdp=True), "--fsdp: needs --gad-jvp fd"),
 ])
-def test_refused_before_loading(tmp_path, flags, message):
+def test_refused_before_loading(tmp_path, file, flags, message):
+    module = importlib.import_module(file)
     with pytest.raises(common.UsageError, match=message):
-        gad_tdm.train(gad_tdm.Args(model="tiny", device="cpu", out=str(tmp_path / "r"), **flags))
+        module.train(module.Args(model="tiny", device="cpu", out=str(tmp_path / "r"), **flags))
