@@ -33,7 +33,9 @@ Deviations
   - ADP, DDPM teachers (SDXL): the paper switches the target to the pair velocity without saying how an ε-UNet does
     it. We keep ε: input = the pair's interpolation at the SNR of t at the UNet's scale, x_t = α_t x0 + σ_t z (for flow
     models exactly (1-t) x0 + t z); ε predicts the pair noise z, i.e. the velocity z - x0 by a fixed conversion.
-  - SD3-M: LoRA on G as the paper (Table 2), fake score fully tuned (paper silent; --lora-rank acts on G only).
+  - SD3-M: LoRA on G as the paper (Table 2), fake score fully tuned (paper silent; --lora-rank acts on G only). DDP by
+    default or FSDP2 (--fsdp, --offload for CPU offload; not with LoRA yet). Under --fsdp the rollout length n of
+    Alg. 1 l. 15 is rank 0's draw on every rank (collective G).
   - Diversity: evaluate.diversity (1 - mean pairwise cosine) on 32x32 decoded pixels, not LPIPS (Table 6).
 
 Commands
@@ -41,6 +43,7 @@ Commands
   GPU, SDXL DMDX:         python adm.py --family sdxl --pipeline dmdx --steps 8000 --batch-size 4
   torchrun:               torchrun --nproc_per_node 8 adm.py --family sdxl --pipeline dmdx
   the paper's batch 128:  torchrun --nproc_per_node 8 adm.py --batch-size 4 --grad-accum 4   (Table 7: 32 GPUs x 4)
+  sharded:                torchrun --nproc_per_node 8 adm.py --family sdxl --fsdp --grad-ckpt   (README "Scale")
   CPU tiny:               CPU_THREADS=1 python adm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
 Expect out/metrics.jsonl (loss_g, loss_d, loss_fake, dmd, d_fake, d_real, diversity), curves.png, grid_<step>.png,
 ckpt.pt and pipeline/. loss_d near 2 = D cannot separate the two; the DMD diagnostic should drift down (Fig. 3).
@@ -95,7 +98,7 @@ class Args:
     model: str = ""  # hub id, local dir, 'tiny' or 'random' (real size); '' = the family's default (SD3-Medium, SDXL-Base)
     out: str = "runs/adm"  # output directory
     steps: int = 8000  # generator iterations per stage (Sec. 5: 8K)
-    batch_size: int = 4  # per-GPU batch (Table 7: micro batch 4)
+    batch_size: int = 4  # per-GPU micro-batch (Table 7: micro batch 4); global = batch x accumulation x GPUs
     grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype (auto: bf16 on CUDA, fp32 on CPU)
     device: str = "auto"  # cuda / cpu / auto
@@ -111,6 +114,9 @@ class Args:
     lr_schedule: Literal["constant", "cosine_with_restarts"] = "constant"  # lr schedule of every net (paper silent)
     lr_warmup: int = 0  # linear lr warm-up steps (paper silent: none)
     ema_decay: float = 0.0  # EMA of the generator, exported when on; 0 = off (paper silent)
+    grad_ckpt: bool = False  # gradient checkpointing of generator and fake (diffusers enable_gradient_checkpointing)
+    fsdp: bool = False  # FSDP2: shard generator, fake, heads and teacher per block (default: DDP)
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
 
 
 # ---- Schedules (Eq. 1) and the paper's equations as pure functions ---------------------------------------
@@ -409,7 +415,7 @@ def adm_step(M, cond, uncond, args, dev):
     for i in common.micro_batches(N, M.G):
         c = mb(cond, i)
         # l. 15-17: roll G without grad to t_n, then x̂0 = G(x_{t_n}, t_n) with grad
-        n = int(torch.randint(len(M.ts), ()))
+        n = common.same_on_all_ranks(int(torch.randint(len(M.ts), ())), args.fsdp)  # FSDP2: rank 0's n (collective G)
         with torch.no_grad(), ac():
             x_tn = rollout(M.G_u, torch.randn(shape, device=dev), c, sch, M.ts, n)
         t_n = M.ts[n].expand(B).to(dev)
@@ -567,10 +573,17 @@ def train_stage(args: Args) -> dict:
             M.pixel = PixelEncoder(enc, args.pixel_layers, dev)
             pix_ch = [f.shape[1] for f in M.pixel(torch.zeros(1, 3, 64, 64, device=dev))]
     M.D_u = Discriminator(lat_ch, pix_ch, args.head_channels).to(dev)
+    M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train() if args.stage == "adm" else None
+    if not ckpt_path and args.init:  # DMDX: the ADM stage starts from the ADP generator
+        M.G_u.load_state_dict(common.read_checkpoint(args.init)["models"]["G"])
+    for net in (M.G_u, M.fake_u) if args.grad_ckpt else ():
+        net.enable_gradient_checkpointing() if net is not None else None
+    # DDP (default) or FSDP2 (--fsdp) before the optimizers: FSDP2 replaces the parameters by their shards
+    wrap = lambda net: common.wrap(net, dist, args.fsdp, args.offload)
+    M.G, M.D, M.fake = wrap(M.G_u), wrap(M.D_u), wrap(M.fake_u) if args.stage == "adm" else None
     adamw = lambda m, lr: torch.optim.AdamW(common.trainable(m), lr=lr, betas=tuple(args.betas), weight_decay=0.0)
     models, M.opt = {"G": M.G_u, "D": M.D_u}, {"G": adamw(M.G_u, lr_g), "D": adamw(M.D_u, args.lr_d)}
     if args.stage == "adm":
-        M.fake_u = copy.deepcopy(teacher).float().requires_grad_(True).train()
         models["fake"], M.opt["fake"] = M.fake_u, adamw(M.fake_u, args.lr_fake)
     if dtype != torch.float32:  # frozen parts (teacher = D backbone, text encoders, VAE) in the compute dtype
         pipe.to(dtype=dtype)
@@ -582,10 +595,6 @@ def train_stage(args: Args) -> dict:
                                        schedulers=scheds)["step"]
     else:
         common.seed_everything(args.seed, dist.rank)  # same models on every rank (built above), data differ per rank
-        if args.init:  # DMDX: the ADM stage starts from the ADP generator
-            M.G_u.load_state_dict(common.read_checkpoint(args.init)["models"]["G"])
-    M.G, M.D = common.wrap_ddp(M.G_u, dist), common.wrap_ddp(M.D_u, dist)
-    M.fake = common.wrap_ddp(M.fake_u, dist) if args.stage == "adm" else None
     prompts = common.read_prompts(args.prompts)
     common.cache_prompts(pipe, family, prompts, dev)  # each prompt encoded once; the text encoders leave the GPU
     if args.stage == "adp":  # pairs live in a directory named by the settings that made them
@@ -593,6 +602,7 @@ def train_stage(args: Args) -> dict:
         pair_dir = os.path.join(args.out, "pairs_" + hashlib.sha1(key.encode()).hexdigest()[:10])
         make_pairs(pipe, teacher, M.sch, family, prompts, args, pair_dir, dist)
         Z, X0, pair_prompts = load_pairs(pair_dir, math.ceil(args.pairs / args.shard_size))
+    wrap(teacher)  # the D backbone: sharded by --fsdp only now, as the pairs above split the ranks' work unevenly
     logger = common.Logger(args.out, args.steps, start, dist.is_main, desc=args.stage)
     metrics = {}
     for step in range(start + 1, args.steps + 1):
@@ -611,20 +621,20 @@ def train_stage(args: Args) -> dict:
         logger.update()
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **metrics)
-        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
+        if common.due(step, args.sample_every, step == args.steps):  # every rank (FSDP2's forwards), rank 0 writes
             div = sample_grid(M, prompts, family, dev, os.path.join(args.out, f"grid_{step:06d}.png"), args.eval)
             if div is not None:
                 metrics["diversity"] = div
                 logger.log(step, diversity=div)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
+        if common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), {**models, **({"ema": ema} if ema else {})}, M.opt,
                                    step, args, M.scaler, extra={"stage": args.stage, "gen_steps": N}, schedulers=scheds)
         common.barrier()
     logger.close()
-    if dist.is_main:  # the docstring's "Reload with" call (no CFG, Sec. 5)
-        common.export_pipeline(pipe, ema.module if ema else M.G_u, os.path.join(args.out, "pipeline"),
-                               scheduler=export_scheduler(pipe, family))
+    # the docstring's "Reload with" call (no CFG, Sec. 5); every rank gathers, rank 0 writes
+    common.export_pipeline(pipe, ema.module if ema else M.G_u, os.path.join(args.out, "pipeline"),
+                           scheduler=export_scheduler(pipe, family))
     common.barrier()
     return metrics
 

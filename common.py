@@ -181,6 +181,60 @@ def mean_rows(rows: list) -> dict:
     """Logged scalars averaged over a step's micro-batches (for mean losses: the large-batch value)."""
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0]}
 
+# ==== Scale (README "Scale"): DDP by default; --fsdp shards with FSDP2, --offload keeps the shards on the CPU.
+
+def wrap(model: torch.nn.Module, dist, fsdp: bool = False, offload: bool = False) -> torch.nn.Module:
+    """The one call a method file makes per network (trainable or frozen), after loading and before building its
+    optimizer. Default: DDP for a trainable network, the network itself for a frozen one. fsdp: FSDP2 fully_shard of
+    each block diffusers names in _no_split_modules (innermost first), then the root; frozen networks too. Its
+    MixedPrecisionPolicy keeps the parameters in their own dtype and reduces gradients in fp32: precision is still
+    chosen in one place, the autocast of common.autocast, and the fp32 paths (finite differences, --gad-fp32) stay
+    fp32 (all-gathering in bf16 would halve the traffic but make them half precision). offload: CPUOffloadPolicy
+    (shards, gradients and optimizer states in CPU memory, the optimizer step on the CPU). fully_shard replaces the
+    parameters by sharded DTensors, so the optimizer must be built from the returned module's parameters."""
+    if not fsdp:
+        return wrap_ddp(model, dist) if any(p.requires_grad for p in model.parameters()) else model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    if not torch_dist.is_initialized():  # a plain run: a group of one (--fsdp --offload on a single GPU)
+        torch_dist.init_process_group("nccl" if dist.device.type == "cuda" else "gloo", store=torch_dist.HashStore(),
+                                      rank=0, world_size=1)
+    kw = dict(mesh=init_device_mesh(dist.device.type, (dist.world_size,)),
+              mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy())
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for m in reversed(list(model.modules())):  # children before their parents
+        if type(m).__name__ in blocks and m is not model:
+            fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """The whole model's state dict: a plain or DDP model's own; an FSDP2 model's shards gathered to rank 0's CPU
+    (a collective: every rank calls it; the other ranks get an empty dict)."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def same_on_all_ranks(x: int, sharded: bool) -> int:
+    """Rank 0's draw of a per-step random integer that sets how often a network runs (a rollout length) when that
+    network is sharded: FSDP2's forwards are collective, so every rank must run it equally often. Otherwise the
+    rank's own draw (DDP: each rank draws its own)."""
+    if not sharded or not torch_dist.is_initialized():
+        return x
+    box = [x]
+    torch_dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+def _owner(opt, models: dict):
+    """The sharded model whose parameters `opt` updates (None for plain and DDP models)."""
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    return next((m for m in models.values() if is_sharded(m) and any(id(p) in mine for p in m.parameters())), None)
+
 def barrier() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
@@ -210,13 +264,20 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, scaler=None, extra=None,
                     schedulers=None) -> None:
-    """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file.
+    """Write to `path` via a temp file and an atomic rename: a crash never leaves half a file. Every rank calls it:
+    FSDP2 shards are gathered (full_state_dict, optimizer states keyed by parameter name) and rank 0 writes.
     schedulers: lr_schedulers()' dict (their step counts); an EMA (make_ema) rides in `models`."""
-    ckpt = {"models": {k: unwrap(m).state_dict() for k, m in models.items()},
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    owners = {k: _owner(o, models) for k, o in optimizers.items()}
+    ckpt = {"models": {k: full_state_dict(m) for k, m in models.items()},
             "schedulers": {k: s.state_dict() for k, s in (schedulers or {}).items()},
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "optimizers": {k: get_optimizer_state_dict(owners[k], o, options=full) if owners[k] else o.state_dict()
+                           for k, o in optimizers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, "rng": _rng_state(), "extra": extra}
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -251,12 +312,16 @@ def load_checkpoint(path: str, models: dict, optimizers: dict, scaler=None, rest
     """Load state in place and return the checkpoint dict (its 'step' is the last finished step).
     Optimisers keep the learning rate they were built with: start_run has already reconciled it with the saved one.
     schedulers (lr_schedulers(), built before this call) continue from the saved step, on that learning rate."""
-    ckpt = read_checkpoint(path)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True)  # every rank reads the whole file (mmap) and keeps its shard
+    ckpt = read_checkpoint(path, mmap=any(is_sharded(m) for m in models.values()))
     for k, m in models.items():
-        unwrap(m).load_state_dict(ckpt["models"][k])
+        sd = ckpt["models"][k]
+        set_model_state_dict(m, sd, options=full) if is_sharded(m) else unwrap(m).load_state_dict(sd)
     for k, o in optimizers.items():
         lrs = [g.get("initial_lr", g["lr"]) for g in o.param_groups]  # a scheduler's base lr, else the lr
-        o.load_state_dict(ckpt["optimizers"][k])
+        owner, sd = _owner(o, models), ckpt["optimizers"][k]
+        set_optimizer_state_dict(owner, o, sd, options=full) if owner else o.load_state_dict(sd)
         for g, lr in zip(o.param_groups, lrs):  # an explicit --lr on resume applies for real
             g["lr"] = lr
             if "initial_lr" in g:  # and is the base of its lr schedule
@@ -325,8 +390,9 @@ RANGES = {"steps": ">= 1", "batch_size": ">= 1", "*_every": ">= 0", "lr": "> 0",
           "eval_seeds": ">= 2", "*_steps": ">= 1",
           "lora_rank": ">= 0", "grad_accum": ">= 1"}
 RUN_LOCAL = ("out", "resume", "overwrite", "device", "threads", "bench")  # never compared, never taken from a checkpoint
-SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt",
-                  "grad_checkpointing", "lr", "lr_*", "*_lr")  # not batch_size, grad_accum: they change the global batch
+SAFE_ON_RESUME = ("steps", "*_every", "eval", "eval_*", "export", "feature_model", "dtype", "grad_ckpt", "offload",
+                  "lr", "lr_*", "*_lr")  # not batch_size, grad_accum (the global batch); not --fsdp: its optimizer
+                                         # states are keyed by name, DDP's by index
 
 def _spec_ok(x, spec) -> bool:
     if isinstance(spec, tuple):  # (predicate, text)
@@ -412,6 +478,13 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
         print0(f"resuming {path} at step {ckpt['step']}" + (f"; changed: {_RUN.changes}" if _RUN.changes else ""))
         del ckpt
     check_args(args, ranges)
+    require(not getattr(args, "offload", False) or getattr(args, "fsdp", False), "argument --offload: needs --fsdp")
+    require(not (getattr(args, "fsdp", False) and getattr(args, "dtype", "") == "fp16"),
+            "argument --fsdp: --dtype fp16 (a GradScaler) is untested with FSDP2 here; use bf16 (the CUDA default)")
+    if writes and hasattr(args, "batch_size"):  # --batch-size is per GPU in every file
+        world, accum = int(os.environ.get("WORLD_SIZE", 1)), getattr(args, "grad_accum", 1)
+        print0(f"batch: {args.batch_size} per GPU x {accum} accumulated x {world} processes = "
+               f"{args.batch_size * accum * world} per optimizer step")
     import fnmatch
     held = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
                   if not any(fnmatch.fnmatch(n, p) for p in own))
@@ -491,7 +564,9 @@ def pyplot():
     return __import__("matplotlib.pyplot").pyplot
 
 def plot_curves(jsonl_path: str, png_path: str) -> None:
-    """One subplot per logged scalar against step."""
+    """One subplot per logged scalar against step (rank 0 only)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     plt = pyplot()
     rows = Logger.read(jsonl_path)
     keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float))} - {"step"})
@@ -508,7 +583,9 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     plt.close(fig)
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
-    """images: (N, C, H, W) in [-1, 1], C = 1 or 3 (extra channels are dropped). Rows of `nrow`."""
+    """images: (N, C, H, W) in [-1, 1], C = 1 or 3 (extra channels are dropped). Rows of `nrow`. Rank 0 writes."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     plt = pyplot()
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, :3]
     n, rows = x.shape[0], math.ceil(x.shape[0] / nrow)
@@ -720,10 +797,23 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     """Save `pipe` with its denoiser replaced by `student` (and optionally a scheduler) so that
     `DiffusionPipeline.from_pretrained(out_dir)` loads the distilled model. `call`: the student's __call__ settings
     (num_inference_steps, guidance_scale, ...), written to call.json for evaluate.py. A LoRA student is merged into a
-    stock denoiser, and its adapters are also written to <out_dir>/../lora for `pipe.load_lora_weights` (export_lora)."""
+    stock denoiser, and its adapters are also written to <out_dir>/../lora for `pipe.load_lora_weights` (export_lora).
+    Every rank calls it (an FSDP2 student's weights are gathered); rank 0 writes."""
     import copy
+    if is_sharded(student):  # the architecture on the meta device, filled with the gathered weights
+        weights = full_state_dict(student)
+        if int(os.environ.get("RANK", 0)) != 0:
+            return out_dir
+        from torch.distributed.fsdp import FSDPModule
+        cls = next(c for c in type(student).__mro__[1:] if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            net = cls.from_config(student.config)
+        net.load_state_dict(weights, assign=True)  # non-persistent buffers stay on meta: save_pretrained skips them
+    elif int(os.environ.get("RANK", 0)) != 0:
+        return out_dir
+    else:
+        net = copy.deepcopy(unwrap(student))
     components = dict(pipe.components)
-    net = copy.deepcopy(unwrap(student))
     if has_lora(net):  # a stock model: W + (alpha/r) B A folded into W, the peft layers removed
         merge_lora(net)
     components[pipe.denoiser_name] = net.to(dtype=pipe.dtype) if net.dtype != pipe.dtype else net

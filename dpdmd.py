@@ -40,6 +40,7 @@ Commands:
                python dpdmd.py --no-detach           # Fig. 5 ablation: lambda > 0, DMD also reaches step 1
   torchrun   : torchrun --nproc_per_node 8 dpdmd.py --batch-size 2
   less memory: python dpdmd.py --batch-size 2 --grad-accum 2   # 4 per optimiser step, 2 micro-batches of 2
+  sharded    : torchrun --nproc_per_node 8 dpdmd.py --fsdp --grad-ckpt      # FSDP2; README "Scale"
   CPU tiny   : python dpdmd.py --model tiny-sd3 --steps 12 --batch-size 2 --sample-every 6 --eval-every 6
 Expect: metrics.jsonl with fake_loss on fake iterations and dmd_loss/div_loss on student iterations, a
 `diversity` (Eq. 9) value every --eval-every steps, samples_*.png grids, curves.png, ckpt.pt, pipeline/.
@@ -86,7 +87,7 @@ class Args:
     model: str = ""  # hub id, local dir, tiny-<family> or random[-sd35m|-sd3m] (real size); '' = the family's default
     out: str = "runs/dpdmd"  # output directory
     steps: int = 6000  # iterations, fake and student updates together (paper's count lost in extraction)
-    batch_size: int = 4  # per-GPU batch of prompts (paper's value lost in extraction)
+    batch_size: int = 4  # per-GPU micro-batch of prompts (paper's value lost); global = batch x accumulation x GPUs
     grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # cuda / cpu / auto
@@ -103,7 +104,9 @@ class Args:
     ckpt_every: int = 1000  # checkpoint every N steps
     log_every: int = 1  # metrics.jsonl row every N steps
     export: bool = True  # save the student as a stock diffusers pipeline in out/pipeline at the end
-    grad_checkpointing: bool = False  # activation checkpointing in student and fake (memory for SD3.5-M)
+    grad_ckpt: bool = False  # gradient checkpointing of student and fake (diffusers enable_gradient_checkpointing)
+    fsdp: bool = False  # FSDP2: shard student, fake and teacher per transformer block (default: DDP)
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
     lora_rank: int = 0  # LoRA rank of the student (common.add_lora; 0 = full fine-tuning, as the paper; fake: full)
     threads: int = 0  # CPU threads (0 = default / $CPU_THREADS)
 
@@ -341,9 +344,11 @@ def train(args: Args, pipe=None) -> dict:
     teacher = getattr(pipe, pipe.denoiser_name)
     student = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), args.lora_rank)
     fake = copy.deepcopy(teacher).float().requires_grad_(True).train()
-    if args.grad_checkpointing:
-        student.enable_gradient_checkpointing()
-        fake.enable_gradient_checkpointing()
+    for net in (student, fake) if args.grad_ckpt else ():
+        net.enable_gradient_checkpointing()
+    # DDP (default) or FSDP2 (--fsdp), before the optimizers: FSDP2 replaces the parameters by their shards
+    wrap = lambda net: common.wrap(net, dist, args.fsdp, args.offload)  # noqa: E731
+    teacher, student_d, fake_d = wrap(teacher), wrap(student), wrap(fake)
     sch = Schedule(stock_scheduler(pipe, flow), flow, args.student_steps, args.teacher_steps)
     opt_s = torch.optim.AdamW(common.trainable(student), lr=args.lr, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -361,7 +366,6 @@ def train(args: Args, pipe=None) -> dict:
     if path:
         start = common.load_checkpoint(path, models, {"student": opt_s, "fake": opt_f}, scaler, schedulers=scheds)["step"]
         common.print0(f"resumed from {path} at step {start}")
-    student_d, fake_d = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     feat_model = None
     if args.eval and args.feature_model and dist.is_main:
         feat_model = load_features(args.feature_model, device)
@@ -412,19 +416,19 @@ def train(args: Args, pipe=None) -> dict:
         metrics.update(row)
         common.lr_step(scheds)
 
-        # logging, evaluation, grids, checkpoints (rank 0)
+        # logging, evaluation, grids, checkpoints (rank 0 writes)
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, **row)
         last = step == args.steps
-        if dist.is_main and args.eval and common.due(step, args.eval_every, last):
+        if args.eval and common.due(step, args.eval_every, last):  # every rank (FSDP2's forwards), rank 0 logs
             metrics["diversity"] = evaluate(student, pipe, args, eval_prompts, sch, device, feat_model, amp)
             logger.log(step, diversity=metrics["diversity"])
-        if dist.is_main and common.due(step, args.sample_every, last):
+        if common.due(step, args.sample_every, last):
             with amp():
                 lat = sample(student, pipe, args.family, eval_prompts[:4], range(4), sch, device)
             common.save_grid(common.decode(pipe, lat), os.path.join(args.out, f"samples_{step:06d}.png"), nrow=4)
             common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, last):
+        if common.due(step, args.ckpt_every, last):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, {"student": opt_s, "fake": opt_f}, step, args,
                                    scaler, schedulers=scheds)
         common.barrier()
@@ -432,7 +436,7 @@ def train(args: Args, pipe=None) -> dict:
     logger.close()
 
     # export: stock pipeline + the student + the scheduler that reproduces the training sampler
-    if dist.is_main and args.export:
+    if args.export:  # rank 0 writes
         metrics["pipeline"] = common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"),
                                                      scheduler=stock_scheduler(pipe, flow))
     common.barrier()

@@ -38,6 +38,7 @@ Deviations (each also marked `# DEVIATION:` at its line)
 Commands
   GPU:      python gad_ladd.py --model stabilityai/stable-diffusion-2-1-base --prompts coco.txt --n-data 65536 --eval
   torchrun: torchrun --nproc_per_node 8 gad_ladd.py --prompts coco.txt --n-data 65536   (shards split across ranks)
+  sharded:  add --fsdp --grad-ckpt --gad-jvp fd   (FSDP2 and checkpointing need the fd response; README "Scale")
   CPU tiny: python gad_ladd.py --model tiny --steps 20 --batch-size 4 --n-data 32 --shard-size 8 --teacher-steps 10 --eval
   base LADD: --gad-weight 0.  Overhead: --bench 30.
 Reload with (DDIM trailing + set_alpha_to_one: one UNet call at t = 999, x0 out):
@@ -46,7 +47,6 @@ Reload with (DDIM trailing + set_alpha_to_one: one UNet call at t = 999, x0 out)
 Expect: out/data/shard_*.pt, metrics.jsonl + curves.png (loss_g, loss_d, adv, rec, gad, d_real, d_fake), samples_*.png,
 ckpt.pt, pipeline/, and with --eval eval.json (geometry, diversity, seed identifiability).
 """
-import contextlib
 import copy
 import json
 import math
@@ -112,7 +112,9 @@ class Args:
     eval: bool = False  # run the evaluation at the end
     prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
     threads: int = 0  # CPU threads (0 = default / CPU_THREADS)
-    grad_ckpt: bool = False  # gradient checkpointing in the student (with GAD on, needs --gad-jvp fd)
+    grad_ckpt: bool = False  # gradient checkpointing of the student (with GAD on, needs --gad-jvp fd)
+    fsdp: bool = False  # FSDP2: shard student and heads per block (the teacher stays replicated); default DDP
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
     bench: int = 0  # >0: time N interleaved GAD/base steps on synthetic data, print ratios, exit
 
 
@@ -365,10 +367,6 @@ def d_step(heads, unet, x0_fake, batch, args, ctx, alphas_bar):
                                                   "d_fake": fake[:B].float().mean().item()}  # the student's rows
 
 
-def sync(model, last: bool):  # --grad-accum under DDP: gradients are all-reduced on the last micro-batch only
-    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-
-
 def opt_step(model, opt, scaler, clip):
     if scaler:
         scaler.unscale_(opt)
@@ -381,11 +379,10 @@ def g_update(S, heads, unet, opt, scaler, draw, args, ctx, ab, pt):
     Returns per-micro-batch logs and the (batch, detached fake) pairs."""
     n, rows, used = args.grad_accum, [], []
     opt.zero_grad(set_to_none=True)
-    for i in range(n):
+    for _ in common.micro_batches(n, S):  # DDP / FSDP2 reduce gradients on the last micro-batch only
         batch = draw()
-        with sync(S, i == n - 1):
-            loss, x0_hat, logs = g_step(S, heads, unet, batch, args, ctx, ab, pt)
-            (scaler.scale(loss / n) if scaler else loss / n).backward()
+        loss, x0_hat, logs = g_step(S, heads, unet, batch, args, ctx, ab, pt)
+        (scaler.scale(loss / n) if scaler else loss / n).backward()
         rows.append({"loss_g": loss.item(), **logs}), used.append((batch, x0_hat))
     opt_step(S, opt, scaler, args.clip)
     return rows, used
@@ -396,16 +393,15 @@ def d_update(S, heads, unet, opt, scaler, draw, used, rows, args, ctx, ab, pt):
     whose fakes the UPDATED student recomputes (one no-grad forward); same: the G update's batches and fakes."""
     n = args.grad_accum
     opt.zero_grad(set_to_none=True)
-    for i in range(n):
+    for i in common.micro_batches(n, heads):
         if args.d_batch == "next":
             batch = draw()
             with torch.no_grad(), ctx:
                 x0_fake = student_x0(common.unwrap(S), batch["z"], batch["cond"], ab, pt)
         else:  # --d-batch same: fakes one G update old, D sees the G batch; saves the student forward
             batch, x0_fake = used[i]
-        with sync(heads, i == n - 1):
-            loss, logs = d_step(heads, unet, x0_fake, batch, args, ctx, ab)
-            (scaler.scale(loss / n) if scaler else loss / n).backward()
+        loss, logs = d_step(heads, unet, x0_fake, batch, args, ctx, ab)
+        (scaler.scale(loss / n) if scaler else loss / n).backward()
         rows[i].update(loss_d=loss.item(), **logs)
     opt_step(heads, opt, scaler, args.clip)
 
@@ -413,6 +409,8 @@ def d_update(S, heads, unet, opt, scaler, draw, used, rows, args, ctx, ab, pt):
 def train_step(S, heads, unet, opt_g, opt_d, scaler, draw, args, ctx, ab, pt):
     """One iteration, G phase then D phase as Nitro-1 alternates them; logs are means over the micro-batches."""
     rows, used = g_update(S, heads, unet, opt_g, scaler, draw, args, ctx, ab, pt)
+    common.unwrap(heads).requires_grad_(True)  # again after the backward: under FSDP2 g_step's call reached the
+    # gathered parameters, which the backward swaps back for the shards
     d_update(S, heads, unet, opt_d, scaler, draw, used, rows, args, ctx, ab, pt)
     if scaler:
         scaler.update()
@@ -537,6 +535,9 @@ def train(args) -> dict:
                    "argument --grad-ckpt: needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
     common.require(not args.misaligned_d or args.batch_size >= 2,  # a latent gets the previous row's prompt
                    "argument --misaligned-d: needs --batch-size >= 2 (or --no-misaligned-d)")
+    common.require(not (args.fsdp and args.gad_weight > 0 and args.gad_jvp == "exact"),  # tests/test_distributed.py
+                   "argument --fsdp: needs --gad-jvp fd (FSDP2's backward hook, an autograd Function without a "
+                   "forward-AD rule, refuses the student's JVP with gradients)")
     common.seed_everything(args.seed, dist.rank)
     ctx, scaler = common.autocast(device, dtype), common.make_scaler(device, dtype)
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)
@@ -550,10 +551,9 @@ def train(args) -> dict:
     S = copy.deepcopy(unet).requires_grad_(True).train()
     S.enable_gradient_checkpointing() if args.grad_ckpt else None
     heads = DHeads(unet.config.block_out_channels).to(device)
-    opt_g = torch.optim.AdamW(S.parameters(), args.lr, betas=(0.9, 0.999))
-    opt_d = torch.optim.AdamW(heads.parameters(), args.lr_d, betas=(0.9, 0.999))
+    adamw = lambda net, lr: torch.optim.AdamW(net.parameters(), lr, betas=(0.9, 0.999))
     if args.bench:
-        return benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device)
+        return benchmark(S, heads, unet, adamw(S, args.lr), adamw(heads, args.lr_d), scaler, args, ctx, ab, pt, device)
 
     if args.stage in ("data", "all"):  # 1. teacher pairs (skips shards already on disk)
         make_data(pipe, args, dist, prompts)
@@ -561,15 +561,17 @@ def train(args) -> dict:
             return common.cleanup() or {"data_dir": data_dir(args)}
     shards = load_data(args, device)
 
+    # DDP (default) or FSDP2 (--fsdp) before the optimizers (FSDP2 replaces the parameters by their shards). The
+    # teacher stays replicated: the discriminator runs its submodules (backbone_features), not the hooked forward
+    S_ddp, heads_ddp = (common.wrap(net, dist, args.fsdp, args.offload) for net in (S, heads))
+    opt_g, opt_d = adamw(S, args.lr), adamw(heads, args.lr_d)
     scheds, ema = common.lr_schedulers({"g": opt_g, "d": opt_d}, args), common.make_ema(S, args.ema_decay)
     models = {"student": S, "heads": heads, **({"ema": ema} if ema else {})}
     start = 0
     if ckpt_path:
         start = common.load_checkpoint(ckpt_path, models, {"g": opt_g, "d": opt_d}, scaler, schedulers=scheds)["step"]
-    S_ddp, heads_ddp = common.wrap_ddp(S, dist), common.wrap_ddp(heads, dist)
     log, row = common.Logger(args.out, args.steps, start, dist.is_main), {}
     draw = lambda: get_batch(shards, torch.randint(0, args.n_data, (args.batch_size,)), device, args.shard_size)  # noqa: E731
-    common.print0(f"global batch {args.batch_size} x {args.grad_accum} x {dist.world_size} GPUs")
     for step in range(start + 1, args.steps + 1):  # all randomness from the global torch RNG
         row = train_step(S_ddp, heads_ddp, unet, opt_g, opt_d, scaler, draw, args, ctx, ab, pt)  # 2.-3. G then D
         common.lr_step(scheds)
@@ -577,23 +579,23 @@ def train(args) -> dict:
         common.check_finite(step, **row)
         if common.due(step, args.log_every, step == args.steps):
             log.log(step, **row)
-        if dist.is_main and common.due(step, args.sample_every, step == args.steps):
+        if common.due(step, args.sample_every, step == args.steps):  # every rank (FSDP2), rank 0 writes
             save_samples(pipe, S, os.path.join(args.out, f"samples_{step:06d}.png"), device, ab, pt, prompts)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, step == args.steps):
+        if common.due(step, args.ckpt_every, step == args.steps):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, {"g": opt_g, "d": opt_d}, step, args, scaler,
                                    schedulers=scheds)
         log.update()
     log.close()
     result = dict(row)
-    if dist.is_main:
-        S_out = ema.module if ema else S  # --ema-decay > 0: export and evaluate the EMA
-        common.export_pipeline(pipe, S_out, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))
-        if args.eval:
-            result.update(evaluate(pipe, S_out.eval(), args, device, prompts))
+    S_out = ema.module if ema else S  # --ema-decay > 0: export and evaluate the EMA
+    common.export_pipeline(pipe, S_out, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))  # rank 0 writes
+    if args.eval:  # every rank computes (FSDP2's forwards are collective), rank 0 writes
+        result.update(evaluate(pipe, S_out.eval(), args, device, prompts))
+        if dist.is_main:
             with open(os.path.join(args.out, "eval.json"), "w") as f:
                 json.dump({**result, "args": asdict(args)}, f, indent=1)
-            common.print0(json.dumps(result))
+        common.print0(json.dumps(result))
     common.barrier()
     common.cleanup()
     return result

@@ -51,10 +51,13 @@ Recipe as ml-sid-dit runs it (training/sid_dit_training_loop.py; issue 11): loss
     No EMA (ema_halflife_kimg = 0, and G_ema = None under FSDP): --ema-decay 0; > 0 exports the EMA.
     - One generator sample per iteration serves both updates (generator first, then the fake on sg(x_g)).
     - fp16 is refused (two optimisers would need two GradScalers); use bf16 or fp32.
+    - --fsdp: the generator step k is rank 0's draw on every rank (a sharded G must run equally often on all ranks);
+      under DDP each rank draws its own k.
 Commands:
     GPU:      python gad_sid.py                          (SANA 600M 512px, batch 8, 5k steps, bf16)
     torchrun: torchrun --nproc_per_node 8 gad_sid.py     (batch 8 per GPU as in Table 11)
     less memory: python gad_sid.py --batch-size 4 --grad-accum 2   (8 per optimiser step, 2 micro-batches of 4)
+    sharded:  torchrun --nproc_per_node 8 gad_sid.py --fsdp --grad-ckpt   (FSDP2; README "Scale")
     CPU tiny: python gad_sid.py --model tiny --steps 20 --batch-size 2 --sample-every 10 --eval --threads 1
     plain SiD: --gad-weight 0.   fp32 finite differences instead of bf16 JVPs: --gad-jvp fd.   Overhead: --bench 5.
 Expect: runs/gad_sid/{metrics.jsonl, curves.png, samples_*.png, ckpt.pt, pipeline/}. On the tiny model the
@@ -104,9 +107,12 @@ class Args:
     model: str = "Efficient-Large-Model/Sana_600M_512px_diffusers"  # hub id, local dir, 'tiny', or 'random' (real size)
     out: str = "runs/gad_sid"  # output directory
     steps: int = 5000  # training iterations (Table 11, SANA)
-    batch_size: int = 8  # per GPU (Table 11, SANA)
+    batch_size: int = 8  # per-GPU micro-batch (Table 11, SANA); global = batch x accumulation x GPUs
     grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    grad_ckpt: bool = False  # gradient checkpointing of generator and fake (diffusers enable_gradient_checkpointing)
+    fsdp: bool = False  # FSDP2: shard generator, fake and teacher per transformer block (default: DDP)
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
     device: str = "auto"  # cuda, cpu or auto
     seed: int = 0  # global seed (offset by rank)
     resume: str = ""  # '' | 'latest' | 'auto' (latest if there is one) | path to ckpt.pt
@@ -340,6 +346,12 @@ def train(args: Args, pipe=None) -> dict:
     ckpt_path = common.start_run(args, RANGES, family="sana" if pipe is None else None)
     common.require(list(args.t_gen) == sorted(set(args.t_gen), reverse=True) and args.t_gen[0] == 1.0,
                    f"argument --t-gen: must decrease strictly from 1.0 and stay > 0, got {args.t_gen}")
+    # the exact response path takes a JVP with gradients through G: checkpoint recomputation drops its tangents,
+    # FSDP2's backward hook (an autograd Function without a forward-AD rule) refuses it (tests/test_distributed.py)
+    jvp_with_grad = args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact"
+    for flag in ("grad_ckpt", "fsdp"):
+        common.require(not (getattr(args, flag) and jvp_with_grad), f"argument --{flag.replace('_', '-')}: not with "
+                       "--gad-path response and --gad-jvp exact (a JVP with gradients); use --gad-jvp fd or --gad-path xtau")
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
     device = dist.device
@@ -361,6 +373,11 @@ def train(args: Args, pipe=None) -> dict:
     teacher = pipe.transformer
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     fake = copy.deepcopy(teacher).requires_grad_(True).train()
+    for net in (student, fake) if args.grad_ckpt else ():
+        net.enable_gradient_checkpointing()
+    # DDP (default) or FSDP2 (--fsdp), before the optimizers: FSDP2 replaces the parameters by their shards
+    wrap = lambda net: common.wrap(net, dist, args.fsdp, args.offload)
+    teacher, G, F = wrap(teacher), wrap(student), wrap(fake)
     opt_g = torch.optim.Adam(student.parameters(), lr=args.lr, betas=tuple(args.betas))
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr_fake, betas=tuple(args.betas))
     scheds, ema = common.lr_schedulers({"g": opt_g, "f": opt_f}, args), common.make_ema(student, args.ema_decay)
@@ -368,7 +385,6 @@ def train(args: Args, pipe=None) -> dict:
     start = 0
     if ckpt_path:
         start = common.load_checkpoint(ckpt_path, models, {"g": opt_g, "f": opt_f}, schedulers=scheds)["step"]
-    G, F = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
 
     # prompts: each encoded once, embeddings on the CPU, the Gemma encoder off the GPU (common.cache_prompts)
     prompts = common.read_prompts(args.prompts)
@@ -416,7 +432,7 @@ def train(args: Args, pipe=None) -> dict:
             idx = torch.randint(len(prompts), (B,)).tolist()
             cond, uncond = (to_dev(c) for c in encode([prompts[i] for i in idx]))
             z = torch.randn(common.latent_shape(pipe, B), device=device)
-            k = int(torch.randint(1, len(args.t_gen) + 1, ()))
+            k = common.same_on_all_ranks(int(torch.randint(1, len(args.t_gen) + 1, ())), args.fsdp)  # FSDP2: rank 0's k
 
             # 1. generator sample x_g = D_k, only step k in the graph; kept (detached) for step 3
             with ac:
@@ -457,34 +473,33 @@ def train(args: Args, pipe=None) -> dict:
         last = common.mean_rows(rows)  # k: the mean generator step over the micro-batches
         if dist.is_main and common.due(step, args.log_every, step == args.steps):
             logger.log(step, sec=times[-1], **last)
-        if dist.is_main and common.due(step, args.sample_every, False):
+        if common.due(step, args.sample_every, False):  # every rank (FSDP2's forwards are collective); rank 0 writes
             save_samples(step)
-        if dist.is_main and common.due(step, args.ckpt_every, False) and step != args.steps:
+        if common.due(step, args.ckpt_every, False) and step != args.steps:
             save_ckpt(step)
         logger.update()
     logger.close()
     if args.bench:
         return bench_result(bench_rows)
 
-    # end: checkpoint, curves, samples, export, eval (rank 0)
+    # end: checkpoint, curves, samples, export, eval (every rank computes, rank 0 writes and prints)
     result = dict(last, step=args.steps, step_time_median=statistics.median(times) if times else float("nan"))
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:  # process peak RSS above the RSS at the start of the loop (CPU: a coarse proxy for peak memory)
         result["rss_peak_delta_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
-    if dist.is_main:
-        save_ckpt(args.steps)
-        common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
-        if not common.due(args.steps, args.sample_every, False):  # else already saved in the loop
-            save_samples(args.steps)
-        if args.export:
-            exported = ema.module if ema else student  # --ema-decay > 0: the EMA weights
-            result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
-                                                        scheduler=export_scheduler())
-            result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
-        if args.eval:
-            result.update(evaluate(args, pipe, ema.module if ema else student, grid_prompts, encode, to_dev, device))
-        common.print0(result)
+    save_ckpt(args.steps)
+    common.plot_curves(logger.path, os.path.join(args.out, "curves.png"))
+    if not common.due(args.steps, args.sample_every, False):  # else already saved in the loop
+        save_samples(args.steps)
+    exported = ema.module if ema else student  # --ema-decay > 0: the EMA weights
+    if args.export:
+        result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
+                                                    scheduler=export_scheduler())
+        result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
+    if args.eval:
+        result.update(evaluate(args, pipe, exported, grid_prompts, encode, to_dev, device))
+    common.print0(result)
     common.barrier()
     common.cleanup()
     return result
@@ -508,7 +523,7 @@ def evaluate(args, pipe, student, prompts, encode, to_dev, device) -> dict:
     def phi_t(x):
         return teacher_sample(T, x, cond, uncond, args.cfg, args.eval_teacher_steps, shift)
 
-    with torch.enable_grad():
+    with torch.set_grad_enabled(not common.is_sharded(student)):  # FSDP2's hooks take forward AD only without grad
         geo = geometry_metrics(phi_s, phi_t, z, n_dirs=2, seed=0, mode="exact")
     n = 4  # seeds per prompt
     c4, u4 = (to_dev(c) for c in encode([p for p in prompts for _ in range(n)]))

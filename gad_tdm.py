@@ -88,8 +88,9 @@ Commands:
   GPU:        python gad_tdm.py --steps 2000                              (PixArt-XL-2-512, bf16, batch 64)
   constant lr, EMA of the student exported: --lr-schedule constant --lr-warmup 0 --ema-decay 0.999
   plain TDM:  python gad_tdm.py --gad-weight 0
-  multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 64      (64 global, 8 per GPU)
+  multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 8       (8 per GPU, 64 global)
   less memory: python gad_tdm.py --batch-size 16 --grad-accum 4           (64 per optimiser step, 4 micro-batches of 16)
+  sharded:    torchrun --nproc_per_node 8 gad_tdm.py --fsdp --grad-ckpt   (FSDP2; README "Scale")
   CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
   evaluate:   python gad_tdm.py --eval --resume runs/gad_tdm/ckpt.pt [--feature-model openai/clip-vit-base-patch32]
   overhead:   python gad_tdm.py --model tiny --bench 20 --threads 1
@@ -140,7 +141,7 @@ class Args:
     # run
     model: str = "PixArt-alpha/PixArt-XL-2-512x512"  # hub id, local dir, 'tiny', or 'random' (real size)
     steps: int = 2000  # training iterations (Table 11)
-    batch_size: int = 64  # global batch (Table 11), split across ranks
+    batch_size: int = 64  # per-GPU micro-batch (Table 11: 64 per GPU); global = batch x accumulation x GPUs
     grad_accum: int = 1  # micro-batches of --batch-size per optimiser step (gradients summed; 1 = none)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     prompts: str = ""  # FILE.txt, FILE.{jsonl,csv,parquet}:COL, hf:ID[/CONFIG][@SPLIT][:COL], builtin (README Evaluate)
@@ -155,6 +156,9 @@ class Args:
     eval_seeds: int = 4  # seeds per prompt for the diversity metric
     feature_model: str = ""  # transformers vision model for diversity features ('' = raw latents)
     bench: int = 0  # > 0: time N interleaved TDM / TDM+GAD steps and print the ratios, then exit
+    grad_ckpt: bool = False  # gradient checkpointing of student and fake (diffusers enable_gradient_checkpointing)
+    fsdp: bool = False  # FSDP2: shard student, fake and teacher per transformer block (default: DDP)
+    offload: bool = False  # FSDP2 CPUOffloadPolicy: shards, gradients and optimizer states in CPU memory (needs --fsdp)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # CPU threads (0 = torch default)
 
@@ -318,15 +322,19 @@ def train(args: Args) -> dict:
                                  writes=not (args.eval or args.bench))
     common.require(list(args.timesteps) == sorted(set(args.timesteps), reverse=True),
                    f"argument --timesteps: must decrease strictly, got {args.timesteps}")
+    # the exact response path takes a JVP with gradients through the student: checkpoint recomputation drops its
+    # tangents (CheckpointError), FSDP2's backward hook (an autograd Function without a forward-AD rule) refuses it
+    jvp_with_grad = args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact"
+    for flag in ("grad_ckpt", "fsdp"):
+        common.require(not (getattr(args, flag) and jvp_with_grad), f"argument --{flag.replace('_', '-')}: not with "
+                       "--gad-path response and --gad-jvp exact (a JVP with gradients); use --gad-jvp fd or --gad-path xtau")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
     common.check_memory(args, "gad_tdm", "pixart", dist.world_size)  # the plan on rank 0; refused if it cannot fit
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.set_cpu_threads(args.threads)
     common.seed_everything(args.seed, dist.rank)
-    common.require(args.batch_size % dist.world_size == 0,
-                   f"argument --batch-size: {args.batch_size} is not divisible by the world size {dist.world_size}")
-    B = args.batch_size // dist.world_size
+    B = args.batch_size  # per GPU
     if args.gad_jvp == "fd" or args.gad_fp32:  # TF32 would round fp32 differences to a 10-bit mantissa (~5% noise)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -340,18 +348,24 @@ def train(args: Args) -> dict:
     abar = pipe.scheduler.alphas_cumprod.to(device, torch.float32)
     prompts = common.read_prompts(args.prompts)
     common.cache_prompts(pipe, "pixart", prompts, device)  # each prompt encoded once; the T5 encoder leaves the GPU
+    ema = common.make_ema(student, args.ema_decay)  # None when --ema-decay 0
+    if args.eval:  # unsharded models; the EMA when there is one
+        if ckpt_path:
+            common.load_checkpoint(ckpt_path, {"student": student, "fake": fake, **({"ema": ema} if ema else {})}, {})
+        return evaluate(args, pipe, teacher, ema.module if ema else student, abar, prompts, device)
+    for net in (student, fake) if args.grad_ckpt else ():
+        net.enable_gradient_checkpointing()
+    # DDP (default) or FSDP2 (--fsdp), before the optimizers: FSDP2 replaces the parameters by their shards
+    wrap = lambda net: common.wrap(net, dist, args.fsdp, args.offload)
+    teacher, student_ddp, fake_ddp = wrap(teacher), wrap(student), wrap(fake)
     encode = lambda ps: [common.cast(c, torch.float32) for c in common.encode(pipe, "pixart", ps, device)]  # fp32 nets
     null = common.select(encode([""])[0], torch.zeros(B, dtype=torch.long, device=device))
     opt_g = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=args.lr_fake, betas=args.betas, weight_decay=args.weight_decay)
     scaler = common.make_scaler(device, dtype)
     scheds = common.lr_schedulers({"opt_g": opt_g}, args)  # the student's lr (released run); the fake's is constant
-    ema = common.make_ema(student, args.ema_decay)  # None when --ema-decay 0
     models, optims = {"student": student, "fake": fake, **({"ema": ema} if ema else {})}, {"opt_g": opt_g, "opt_f": opt_f}
     start = common.load_checkpoint(ckpt_path, models, optims, scaler, schedulers=scheds)["step"] if ckpt_path else 0
-    if args.eval:
-        return evaluate(args, pipe, teacher, ema.module if ema else student, abar, prompts, device)
-    student_ddp, fake_ddp = common.wrap_ddp(student, dist), common.wrap_ddp(fake, dist)
     T = torch.tensor(list(args.timesteps) + [0], device=device)  # t_0 > ... > t_{K-1} > 0
     K = len(args.timesteps)
     ac = lambda: common.autocast(device, dtype)
@@ -463,7 +477,7 @@ def train(args: Args) -> dict:
     grid_z = torch.cat([torch.randn(common.latent_shape(pipe, 1), generator=torch.Generator().manual_seed(s))
                         for _ in range(4) for s in range(4)]).to(device)
     os.makedirs(args.out, exist_ok=True)
-    if dist.is_main and start == 0:
+    if start == 0:  # every rank runs the networks (FSDP2's forwards are collective), rank 0 writes
         with torch.no_grad(), ac():
             x0 = teacher_sample(teacher, grid_z, grid_cond, common.select(null, torch.zeros(16, dtype=torch.long)),
                                 args.cfg, args.eval_teacher_steps, abar)
@@ -476,21 +490,21 @@ def train(args: Args) -> dict:
         log.log(step, **metrics)
         log.update()
         last = step == args.steps
-        if dist.is_main and common.due(step, args.sample_every, last):
+        if common.due(step, args.sample_every, last):
             with ac():
                 x0 = sample(common.unwrap(student), grid_z, grid_cond, args.timesteps, abar)
             common.save_grid(common.decode(pipe, x0), os.path.join(args.out, "samples.png"), nrow=4)
             common.plot_curves(log.path, os.path.join(args.out, "curves.png"))
-        if dist.is_main and common.due(step, args.ckpt_every, last):
+        if common.due(step, args.ckpt_every, last):
             common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), models, optims, step, args, scaler, schedulers=scheds)
         common.barrier()
     log.close()
-    if dist.is_main:
-        from diffusers import TCDScheduler
+    from diffusers import TCDScheduler
 
-        # DEVIATION: the stock TCD last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat, not x0
-        sched = TCDScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
-        common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"), scheduler=sched)
+    # DEVIATION: the stock TCD last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat, not x0
+    sched = TCDScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"),
+                           scheduler=sched)  # rank 0 writes
     common.cleanup()
     return metrics
 

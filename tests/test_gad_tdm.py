@@ -1,10 +1,8 @@
 """gad_tdm.py on the tiny PixArt: equations against independent computations, gradient routing, GAD properties,
-precision, smoke runs, export, exact resume, and a 2-process torchrun."""
+precision, smoke runs, export, exact resume (2-process runs: tests/test_distributed.py)."""
 import copy
 import dataclasses
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from docs_call import documented_call
 import common
 import gad_tdm as M
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model="tiny", batch_size=2, sample_every=1000, ckpt_every=1000, eval_teacher_steps=4, device="cpu")
 
 
@@ -312,18 +309,6 @@ def test_eval_reports_geometry_and_diversity(tmp_path):
 def test_bench_reports_ratios(tmp_path):
     m = M.train(M.Args(**TINY, out=str(tmp_path / "b"), bench=1))
     assert m["time_ratio"] > 0 and m["step_time_base"] > 0
-
-
-def test_torchrun_two_processes(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CPU_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(ROOT, "gad_tdm.py"), "--model", "tiny", "--steps", "2", "--batch-size", "2", "--device", "cpu",
-           "--sample-every", "1000", "--eval-teacher-steps", "2", "--gad-path", "response", "--grad-accum", "2",
-           "--out", str(tmp_path / "ddp")]  # --grad-accum: DDP's no_sync on the first micro-batch (issue 15)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [row["step"] for row in common.Logger.read(str(tmp_path / "ddp" / "metrics.jsonl"))] == [1, 2]
-    assert os.path.exists(tmp_path / "ddp" / "pipeline" / "model_index.json")
 
 
 def test_args_defaults_are_the_papers():
