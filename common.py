@@ -202,6 +202,9 @@ def wrap(model: torch.nn.Module, dist, fsdp: bool = False, offload: bool = False
     kw = dict(mesh=init_device_mesh(dist.device.type, (dist.world_size,)),
               mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy())
+    if has_lora(model):  # found after loading: adm's default rank depends on the family
+        raise UsageError("argument --lora-rank: not with --fsdp yet (FSDP2 over peft's adapter layers is untested); "
+                         "use DDP, or --lora-rank 0 with --fsdp")
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for m in reversed(list(model.modules())):  # children before their parents
         if type(m).__name__ in blocks and m is not model:
@@ -481,6 +484,8 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
     require(not getattr(args, "offload", False) or getattr(args, "fsdp", False), "argument --offload: needs --fsdp")
     require(not (getattr(args, "fsdp", False) and getattr(args, "dtype", "") == "fp16"),
             "argument --fsdp: --dtype fp16 (a GradScaler) is untested with FSDP2 here; use bf16 (the CUDA default)")
+    require(not (getattr(args, "fsdp", False) and getattr(args, "ema_decay", 0) > 0),
+            "argument --ema-decay: not with --fsdp yet (an EMA copy of a sharded student is untested); use DDP")
     if writes and hasattr(args, "batch_size"):  # --batch-size is per GPU in every file
         world, accum = int(os.environ.get("WORLD_SIZE", 1)), getattr(args, "grad_accum", 1)
         print0(f"batch: {args.batch_size} per GPU x {accum} accumulated x {world} processes = "

@@ -97,8 +97,8 @@ if rank == 0:
 
 res["t_checks"] = time.perf_counter() - T0
 # 4. the real file: sharded, then DDP
-TINY = dict(model="tiny", steps=2, batch_size=1, grad_accum=2, device="cpu", sample_every=1000,
-            eval_teacher_steps=2)  # 2 micro-batches: FSDP2's and DDP's no-sync paths (common.micro_batches)
+TINY = dict(model="tiny", steps=2, batch_size=1, grad_accum=2, device="cpu", sample_every=1000, eval_teacher_steps=2,
+            lr_warmup=0)  # 2 micro-batches: FSDP2's and DDP's no-sync paths; no warm-up: step 1 moves the student
 run = os.path.join(OUT, "fsdp")
 res["fsdp_run"] = gad_tdm.train(gad_tdm.Args(**TINY, out=run, fsdp=True, grad_ckpt=True))
 if rank == 0:
