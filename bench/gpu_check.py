@@ -7,7 +7,9 @@ On the real-size random models (common.load_pipeline(family, 'random'), built di
   2. for each GAD file, the cosine and relative error of its response estimate Delta = f(x + h v) - f(x)
      (finite difference, or h J v by forward-mode AD, in the file's precision) against a float64 exact JVP
      (forward-mode AD of the same network copied to fp64) on the same inputs;
-  3. whether one training step of dpdmd.py and of adm.py fits at its default batch, and its peak memory.
+  3. whether one training step of dpdmd.py and of adm.py fits at its default batch, and its peak memory;
+  and next to every measured peak, the memory plan each file prints before loading (common.memory_plan). The plan's
+  refusal (common.check_memory) is switched off here, so that the GPU, not the plan, says what fits.
 Results go to stdout and to <out>/gpu_check.md as markdown tables.
 
   python bench/gpu_check.py                               # on the GPU: ~5-7 minutes
@@ -38,6 +40,16 @@ import common  # noqa: E402
 fwAD = torch.autograd.forward_ad
 OOM = (torch.cuda.OutOfMemoryError,)
 SAMPLES = {False: 4, True: 2}  # inputs for the response check (--small: 2)
+FAMILY = {"gad_tdm": "pixart", "gad_sid": "sana", "gad_ladd": "sd21", "dpdmd": "sd3", "adm": "sd3"}  # memory_plan's
+
+
+def plan_gib(mod_name: str, args) -> float:
+    """The peak per GPU common.memory_plan expects for these flags (one process)."""
+    return common.memory_plan(args, mod_name, FAMILY[mod_name])["peak"]
+
+
+def no_refusal(*args, **kwargs):  # common.check_memory without its refusal: the measurement decides
+    return None
 
 
 @contextlib.contextmanager
@@ -98,7 +110,7 @@ def bench_file(key: str, a, config: str | None) -> dict:
         free()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = TF32_DEFAULTS  # as in a new process
         try:
-            with patched(common, load_pipeline=loader_on(a.device)):
+            with patched(common, load_pipeline=loader_on(a.device), check_memory=no_refusal):
                 r = mod.train(mod.Args(**kw))
         except OOM:
             oom.append(batch)
@@ -108,7 +120,8 @@ def bench_file(key: str, a, config: str | None) -> dict:
         gad = r.get("step_time_gad", r.get("time_gad_s"))
         mem = (r["mem_base_gb"], r["mem_gad_gb"]) if "mem_base_gb" in r else \
             (r["mem_base_mb"] / 1024, r["mem_gad_mb"] / 1024) if "mem_base_mb" in r and a.device == "cuda" else None
-        return dict(batch=batch, paper_batch=paper_batch, oom=oom, base_s=base, gad_s=gad, ratio=gad / base, mem=mem)
+        return dict(batch=batch, paper_batch=paper_batch, oom=oom, base_s=base, gad_s=gad, ratio=gad / base, mem=mem,
+                    plan=plan_gib(mod_name, mod.Args(**kw)))
     return {"na": "out of memory even at batch 1"}
 
 
@@ -224,7 +237,7 @@ def fit_check(name: str, a) -> dict:
     if a.small:
         args = dataclasses.replace(args, batch_size=min(args.batch_size, 2))
     side = dict(save_checkpoint=lambda *x, **k: None, export_pipeline=lambda *x, **k: None,
-                load_pipeline=loader_on(a.device))
+                load_pipeline=loader_on(a.device), check_memory=no_refusal)
     free()
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -236,7 +249,7 @@ def fit_check(name: str, a) -> dict:
     except OOM:
         fits = "no (out of memory)"
     peak = gib(torch.cuda.max_memory_allocated()) if a.device == "cuda" else None
-    return dict(batch=args.batch_size, fits=fits, peak=peak, seconds=time.perf_counter() - t0)
+    return dict(batch=args.batch_size, fits=fits, peak=peak, seconds=time.perf_counter() - t0, plan=plan_gib(name, args))
 
 
 # ==== the command
@@ -263,8 +276,8 @@ def main(argv=None) -> dict:
     lines += [f"gpu_check on {dev}, model {a.model}, torch {torch.__version__}"
               + (" (CPU: the files' bench steps run in fp32, their --dtype auto)" if a.device == "cpu" else ""), ""]
     if "bench" not in a.skip:
-        lines += ["| file | GAD config | batch (paper) | base s | GAD s | GAD/base | peak GiB base / GAD |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| file | GAD config | batch (paper) | base s | GAD s | GAD/base | peak GiB base / GAD | plan GiB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key in a.files:
             for cfg in a.configs:
                 r = bench_file(key, a, None if cfg == "default" else cfg)
@@ -273,12 +286,12 @@ def main(argv=None) -> dict:
                 name = (f"default = ({d}) {CONFIGS[d][0]}" if d else "file default") if cfg == "default" else \
                     f"({cfg}) {CONFIGS[cfg][0]}"
                 if "na" in r:
-                    lines.append(f"| {FILES[key][0]} | {name} | n/a: {r['na']} | | | | |")
+                    lines.append(f"| {FILES[key][0]} | {name} | n/a: {r['na']} | | | | | |")
                 else:
                     mem = f"{r['mem'][0]:.1f} / {r['mem'][1]:.1f}" if r["mem"] else "(CPU: not measured)"
                     b = f"{r['batch']} ({r['paper_batch']})" + (f", OOM at {r['oom']}" if r["oom"] else "")
                     lines.append(f"| {FILES[key][0]} | {name} | {b} | {r['base_s']:.3f} | {r['gad_s']:.3f} | "
-                                 f"**{r['ratio']:.2f}** | {mem} |")
+                                 f"**{r['ratio']:.2f}** | {mem} | {r['plan']:.1f} |")
                 print(lines[-1], flush=True)
         lines.append("")
     if "response" not in a.skip:
@@ -293,12 +306,12 @@ def main(argv=None) -> dict:
                 print(lines[-1], flush=True)
         lines.append("")
     if "fit" not in a.skip:
-        lines += ["| file | default batch | one step fits | peak GiB | s |", "|---|---|---|---|---|"]
+        lines += ["| file | default batch | one step fits | peak GiB | plan GiB | s |", "|---|---|---|---|---|---|"]
         for name in ("dpdmd", "adm"):
             r = fit_check(name, a)
             res["fit"].append(dict(file=name, **r))
             peak = f"{r['peak']:.1f}" if r["peak"] is not None else "(CPU)"
-            lines.append(f"| {name}.py | {r['batch']} | {r['fits']} | {peak} | {r['seconds']:.0f} |")
+            lines.append(f"| {name}.py | {r['batch']} | {r['fits']} | {peak} | {r['plan']:.1f} | {r['seconds']:.0f} |")
             print(lines[-1], flush=True)
     lines.append(f"\ntotal {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines)

@@ -7,7 +7,8 @@ from types import SimpleNamespace as A
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 
-ROWS = [("gad_tdm", "pixart", 8, A(batch_size=8)), ("gad_tdm", "pixart", 1, A(batch_size=64)),
+ROWS = [("gad_tdm", "pixart", 8, A(batch_size=8)), ("gad_tdm", "pixart", 8, A(batch_size=64, grad_ckpt=True)),
+        ("gad_tdm", "pixart", 1, A(batch_size=64)),
         ("gad_tdm", "pixart", 1, A(batch_size=64, grad_ckpt=True)), ("gad_tdm", "pixart", 1, A(batch_size=32)),
         ("gad_sid", "sana", 8, A(batch_size=8)), ("gad_sid", "sana", 1, A(batch_size=8)),
         ("gad_ladd", "sd21", 8, A(batch_size=64)), ("gad_ladd", "sd21", 8, A(batch_size=16)),
