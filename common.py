@@ -177,6 +177,16 @@ def micro_batches(n: int, *models):
                 stack.enter_context(no_sync(m))
             yield i
 
+def clip_and_step(opt, params, clip: float, scaler=None) -> torch.Tensor:
+    """After the last micro-batch: unscale (fp16), clip the gradient norm, step, update the scaler. Returns the norm."""
+    if scaler:
+        scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt) if scaler else opt.step()
+    if scaler:
+        scaler.update()
+    return norm
+
 def mean_rows(rows: list) -> dict:
     """Logged scalars averaged over a step's micro-batches (for mean losses: the large-batch value)."""
     return {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0]}

@@ -376,15 +376,6 @@ def train(args: Args, pipe=None) -> dict:
     N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
     backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
 
-    def update(opt, net):
-        if scaler:
-            scaler.unscale_(opt)
-        gn = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
-        return gn
-
     for it in range(start, args.steps):
         step = it + 1
         student_turn = step % (args.fake_updates_per_student + 1) == 0
@@ -410,7 +401,7 @@ def train(args: Args, pipe=None) -> dict:
                 common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
                 backward(loss)
                 rows.append({"dmd_loss": loss_dmd.detach(), "div_loss": loss_div.detach(), "loss": loss.detach()})
-        gn = update(opt, net)
+        gn = common.clip_and_step(opt, net.parameters(), args.grad_clip, scaler)
         ema.update_parameters(student) if ema and student_turn else None
         row = {**common.mean_rows(rows), ("grad_norm" if student_turn else "fake_grad_norm"): gn.item()}
         metrics.update(row)

@@ -415,12 +415,7 @@ def train(args: Args) -> dict:
         opt_g.zero_grad(set_to_none=True)
         for i in common.micro_batches(N, student_ddp):  # 3. generator update on the same micro-batches
             rows[i].update(generator_backward(step, use_gad, *rollouts[i]))
-        if scaler:
-            scaler.unscale_(opt_g)
-        gnorm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
-        scaler.step(opt_g) if scaler else opt_g.step()
-        if scaler:
-            scaler.update()
+        gnorm = common.clip_and_step(opt_g, student.parameters(), args.grad_clip, scaler)
         common.lr_step(scheds)
         ema.update_parameters(student) if ema else None
         return {**common.mean_rows(rows), "grad_norm": gnorm.item()}
