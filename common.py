@@ -469,16 +469,19 @@ def _reconcile(args, saved: dict, path: str, safe: tuple) -> None:
         raise UsageError(f"--resume {path}: these flags would change the experiment the checkpoint belongs to:\n  "
                          + "\n  ".join(refused) + "\nDrop them to continue it, or start a new run in another --out.")
 
+TINY_STEPS = 20  # --model tiny from the command line: --steps and the file's `tiny` flags, unless typed (~1 min, CPU)
+
 def start_run(args, ranges: dict, family: str | None = None, model: str | None = None, model_ids: dict | None = None,
-              writes: bool = True, own=(), safe=()) -> str | None:
+              writes: bool = True, own=(), safe=(), tiny=None) -> str | None:
     """The run contract, before any model loads. Returns the checkpoint to resume from, or None.
 
     family/model: the diffusers family and --model (default args.model) to check; model_ids: {flag: id} of other
     models (transformers feature models, encoders; '' = none).
     writes=False: the run writes nothing to --out (evaluation, benchmark).
     own: names in --out this file may find from an earlier run and reuse (data shards); safe: more flags that may
-    change on resume."""
-    _RUN.changes, _RUN.ckpt = {}, None
+    change on resume. tiny: {flag: value} for a `--model tiny` command line that does not type them (with --steps
+    TINY_STEPS): a smoke run of about a minute."""
+    _RUN.changes, _RUN.ckpt, tiny = {}, None, tiny or {}
     out, resume = args.out, getattr(args, "resume", "")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"argument --out: {out} is a file, not a directory")
@@ -490,6 +493,11 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
             raise UsageError(f"argument --steps: {path} is at step {ckpt['step']}; --steps must be >= that to resume")
         print0(f"resuming {path} at step {ckpt['step']}" + (f"; changed: {_RUN.changes}" if _RUN.changes else ""))
         del ckpt
+    if path is None and is_tiny(getattr(args, "model", "") or "") and hasattr(args, "_explicit"):
+        smoke = {k: v for k, v in {"steps": min(args.steps, TINY_STEPS), **tiny}.items() if k not in args._explicit}
+        for k, v in smoke.items():  # a command-line smoke run; a typed flag keeps its value
+            setattr(args, k, v)
+        print0("--model tiny smoke run: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in smoke.items()))
     check_args(args, ranges)
     require(not getattr(args, "offload", False) or getattr(args, "fsdp", False), "argument --offload: needs --fsdp")
     require(not (getattr(args, "fsdp", False) and getattr(args, "dtype", "") == "fp16"),

@@ -519,12 +519,14 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
 RANGES = {"h": "> 0", "grad_accum": ">= 1", "t_d_max": "[0, 999]", "cfg": ">= 0", "n_data": ">= 1", "shard_size": ">= 1",
           "id_seeds": ">= 2", "id_prompts": ">= 2", "eval_fd_h": "> 0"}
 
+TINY_SMOKE = {"n_data": 64, "teacher_steps": 4, "batch_size": 16}  # python gad_ladd.py --model tiny: about a minute
+
 
 def train(args) -> dict:
     # run contract (common.start_run): flags, --out, resume, prompts and model ids, before any model loads.
     # --out may hold data/ (teacher pairs, reused); --stage data and --bench write nothing else there.
     ckpt_path = common.start_run(args, RANGES, family=FAMILY, writes=args.stage != "data" and not args.bench,
-                                 own=("data",), safe=("stage",))
+                                 own=("data",), safe=("stage",), tiny=TINY_SMOKE)
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
     common.check_memory(args, "gad_ladd", FAMILY, dist.world_size)  # the plan on rank 0; refused if it cannot fit

@@ -283,3 +283,16 @@ def test_export_is_atomic(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         common.export_pipeline(Pipe(net=net), net, d)
     assert sorted(os.listdir(d)) == ["model_index.json", "weights"] and open(os.path.join(d, "weights")).read() == "-4.0"
+
+
+@pytest.mark.parametrize("argv, steps, n_data", [(["--model", "tiny"], 20, 64),  # the command-line smoke run
+                                                 (["--model", "tiny", "--steps", "7", "--n-data", "9"], 7, 9),  # typed
+                                                 (["--model", "random"], 100_000, 65536)])  # not tiny: the paper's
+def test_tiny_command_line_is_a_short_smoke_run_unless_flags_are_typed(tmp_path, argv, steps, n_data):
+    args = common.parse(gad_ladd.Args, argv + ["--out", str(tmp_path / "r")])
+    common.start_run(args, gad_ladd.RANGES, tiny=gad_ladd.TINY_SMOKE)
+    assert (args.steps, args.n_data) == (steps, n_data)
+    assert args.teacher_steps == (4 if argv == ["--model", "tiny"] or "--n-data" in argv else 50)
+    direct = gad_ladd.Args(model="tiny", out=str(tmp_path / "d"))  # built in code (tests, notebooks): as given
+    common.start_run(direct, gad_ladd.RANGES, tiny=gad_ladd.TINY_SMOKE)
+    assert direct.steps == 100_000
