@@ -204,6 +204,9 @@ def wrap(model: torch.nn.Module, dist, fsdp: bool = False, offload: bool = False
     parameters by sharded DTensors, so the optimizer must be built from the returned module's parameters."""
     if not fsdp:
         return wrap_ddp(model, dist) if any(p.requires_grad for p in model.parameters()) else model
+    if has_lora(model):  # found after loading: adm's default rank depends on the family
+        raise UsageError("argument --lora-rank: not with --fsdp yet (FSDP2 over peft's adapter layers is untested); "
+                         "use DDP, or --lora-rank 0 with --fsdp")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
     if not torch_dist.is_initialized():  # a plain run: a group of one (--fsdp --offload on a single GPU)
@@ -212,9 +215,6 @@ def wrap(model: torch.nn.Module, dist, fsdp: bool = False, offload: bool = False
     kw = dict(mesh=init_device_mesh(dist.device.type, (dist.world_size,)),
               mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy(pin_memory=dist.device.type == "cuda") if offload else OffloadPolicy())
-    if has_lora(model):  # found after loading: adm's default rank depends on the family
-        raise UsageError("argument --lora-rank: not with --fsdp yet (FSDP2 over peft's adapter layers is untested); "
-                         "use DDP, or --lora-rank 0 with --fsdp")
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for m in reversed(list(model.modules())):  # children before their parents
         if type(m).__name__ in blocks and m is not model:

@@ -67,8 +67,20 @@ def test_gad_sid_sharded_with_the_fd_response_path(results):
     ("gad_tdm", dict(grad_ckpt=True, gad_path="response"), "--grad-ckpt: not with --gad-path response and --gad-jvp exact"),
     ("gad_sid", dict(fsdp=True, gad_path="response"), "--fsdp: not with --gad-path response and --gad-jvp exact"),
     ("gad_ladd", dict(fsdp=True), "--fsdp: needs --gad-jvp fd"),
+    ("gad_sid", dict(fsdp=True, gad_jvp="fd", ema_decay=0.9), "--ema-decay: not with --fsdp"),
 ])
 def test_refused_before_loading(tmp_path, file, flags, message):
     module = importlib.import_module(file)
     with pytest.raises(common.UsageError, match=message):
         module.train(module.Args(model="tiny", device="cpu", out=str(tmp_path / "r"), **flags))
+
+
+def test_lora_with_fsdp_is_refused_before_sharding(tmp_path):
+    """adm's default on SD3 is LoRA (rank 64): --fsdp over peft's layers is untested, so wrap() refuses it, and before
+    it would create a process group."""
+    import torch.distributed as torch_dist
+
+    import adm
+    with pytest.raises(common.UsageError, match="--lora-rank: not with --fsdp"):
+        adm.train(adm.Args(model="tiny", device="cpu", fsdp=True, out=str(tmp_path / "r")))
+    assert not torch_dist.is_initialized()
