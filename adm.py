@@ -634,7 +634,7 @@ def train_stage(args: Args) -> dict:
     logger.close()
     # the docstring's "Reload with" call (no CFG, Sec. 5); every rank gathers, rank 0 writes
     common.export_pipeline(pipe, ema.module if ema else M.G_u, os.path.join(args.out, "pipeline"),
-                           scheduler=export_scheduler(pipe, family))
+                           scheduler=export_scheduler(pipe, family), call=dict(num_inference_steps=N, guidance_scale=1.0))
     common.barrier()
     return metrics
 

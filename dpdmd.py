@@ -429,7 +429,8 @@ def train(args: Args, pipe=None) -> dict:
     # export: stock pipeline + the student + the scheduler that reproduces the training sampler
     if args.export:  # rank 0 writes
         metrics["pipeline"] = common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"),
-                                                     scheduler=stock_scheduler(pipe, flow))
+                                                     scheduler=stock_scheduler(pipe, flow),
+                                                     call=dict(num_inference_steps=args.student_steps, guidance_scale=1.0))
     common.barrier()
     common.cleanup()
     metrics["step"] = args.steps

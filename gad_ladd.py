@@ -591,7 +591,8 @@ def train(args) -> dict:
     log.close()
     result = dict(row)
     S_out = ema.module if ema else S  # --ema-decay > 0: export and evaluate the EMA
-    common.export_pipeline(pipe, S_out, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe))  # rank 0 writes
+    common.export_pipeline(pipe, S_out, os.path.join(args.out, "pipeline"), scheduler=ddim_scheduler(pipe),
+                           call=dict(num_inference_steps=1, guidance_scale=0.0))  # rank 0 writes
     if args.eval:  # every rank computes (FSDP2's forwards are collective), rank 0 writes
         result.update(evaluate(pipe, S_out.eval(), args, device, prompts))
         if dist.is_main:

@@ -495,7 +495,7 @@ def train(args: Args, pipe=None) -> dict:
     exported = ema.module if ema else student  # --ema-decay > 0: the EMA weights
     if args.export:
         result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
-                                                    scheduler=export_scheduler())
+                                                    scheduler=export_scheduler(), call=stock_call_kwargs(args.t_gen, side_px))
         result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
     if args.eval:
         result.update(evaluate(args, pipe, exported, grid_prompts, encode, to_dev, device))

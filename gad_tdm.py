@@ -498,8 +498,9 @@ def train(args: Args) -> dict:
 
     # DEVIATION: the stock TCD last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat, not x0
     sched = TCDScheduler.from_config(pipe.scheduler.config, prediction_type="epsilon")
+    call = dict(num_inference_steps=len(args.timesteps), timesteps=list(args.timesteps), guidance_scale=1.0)
     common.export_pipeline(pipe, ema.module if ema else student, os.path.join(args.out, "pipeline"),
-                           scheduler=sched)  # rank 0 writes
+                           scheduler=sched, call=call)  # rank 0 writes; call.json: the "Reload with" call
     common.cleanup()
     return metrics
 

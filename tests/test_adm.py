@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from docs_call import documented_call
+from docs_call import documented_call, export_call_covers_documented
 
 import adm
 import common
@@ -199,6 +199,7 @@ def _assert_export_reproduces_sampler(pipe_dir, family, n):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
+    export_call_covers_documented(adm, str(pipe_dir), family, num_inference_steps=n)  # what evaluate.py will run
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     lat = pipe("a red fox", **{**documented_call(adm), "num_inference_steps": n}, latents=z.clone(),
                output_type="latent").images  # the docstring's call (DMDX: 1 step)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from docs_call import documented_call
+from docs_call import documented_call, export_call_covers_documented
 
 import common
 import dpdmd
@@ -208,6 +208,8 @@ def test_smoke(pipes, tmp_path, family, div_weight, detach, files):
     assert "diversity" in rows[-1]  # (issue 12: a period of 0 was ZeroDivisionError)
     for f in ("ckpt.pt",) + (("curves.png", "samples_000002.png", "pipeline/model_index.json") if files else ()):
         assert os.path.exists(tmp_path / f), f
+    if files:
+        export_call_covers_documented(dpdmd, str(tmp_path / "pipeline"), family)  # what evaluate.py will run
 
 
 def _weights(path, name):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from docs_call import documented_call
+from docs_call import documented_call, export_call_covers_documented
 
 import common
 import gad_ladd as G
@@ -337,6 +337,7 @@ def test_smoke_gad_resume_export(tmp_path, data, pipe, monkeypatch):
     cond, _ = common.encode(exp, "sd21", common.PROMPTS[:2], "cpu")  # tiny weights depend on the seed: use the export's
     torch.testing.assert_close(out, G.student_x0(S, z, cond, _ab(pipe), "epsilon"), atol=1e-4, rtol=1e-4)
     assert exp(common.PROMPTS[:1], **documented_call(G)).images[0].size == (128, 128)
+    export_call_covers_documented(G, os.path.join(a, "pipeline"), "sd21")  # what evaluate.py will run
 
 
 def test_smoke_base_ladd_hinge_with_eval(tmp_path, data, no_plots):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from docs_call import documented_call
+from docs_call import documented_call, export_call_covers_documented
 
 import common
 import gad_sid as gs
@@ -253,6 +253,7 @@ def test_smoke_gad_export_reproduces_sampler(pipe, tmp_path):
     out = exported("a red fox", latents=z.clone(), generator=torch.Generator().manual_seed(7), output_type="latent",
                    **documented_call(gs)).images  # the docstring's "Reload with" call
     assert documented_call(gs).items() <= res["pipeline_call"].items()
+    export_call_covers_documented(gs, res["pipeline"], "sana")  # what evaluate.py will run
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     student = copy.deepcopy(pipe.transformer)
     student.load_state_dict(ckpt["models"]["student"])

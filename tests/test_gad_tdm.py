@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from docs_call import documented_call
+from docs_call import documented_call, export_call_covers_documented
 
 import common
 import gad_tdm as M
@@ -256,6 +256,7 @@ def test_smoke_gad_and_base_export_reload_reproduces_sampler(tmp_path):
     pipe = DiffusionPipeline.from_pretrained(os.path.join(out, "pipeline"))
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     lat = pipe("a red fox", latents=z, output_type="latent", **documented_call(M)).images  # the docstring's call
+    export_call_covers_documented(M, os.path.join(out, "pipeline"), "pixart")  # what evaluate.py will run
     cond, _ = common.encode(pipe, "pixart", ["a red fox"], "cpu")
     abar = pipe.scheduler.alphas_cumprod.float()
     x0, states = M.sample(pipe.transformer, z, cond, (899, 674, 449, 224), abar, return_states=True)
