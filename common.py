@@ -15,6 +15,7 @@ import os
 import random
 import re
 import socket
+import time
 import typing
 from types import SimpleNamespace
 
@@ -1358,6 +1359,31 @@ def data_meta(d: str, meta: dict, write: bool = False) -> None:
     bad = sorted(k for k, v in meta.items() if old.get(k) != v)
     if bad:
         raise ValueError(f"{d} holds data made with other settings ({bad}); pass another --data-dir or remake it")
+
+def interleaved_bench(step_fn, pairs: int, device) -> dict:
+    """--bench: `pairs` base and GAD steps, interleaved on the same models (step_fn(i, use_gad)), after 2 warm-up
+    steps of each; medians of step time and, on CUDA, of per-step peak memory."""
+    times, mems = {False: [], True: []}, {False: [], True: []}
+    for i in range(2 * (pairs + 2)):
+        use_gad = i % 2 == 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        bench_hook(use_gad)
+        step_fn(i, use_gad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mems[use_gad].append(torch.cuda.max_memory_allocated())
+        times[use_gad].append(time.perf_counter() - t0)
+    med = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731
+    out = {"step_time_base": med(times[False]), "step_time_gad": med(times[True])}
+    out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
+    if mems[True]:
+        out.update(mem_base_gb=med(mems[False]) / 2**30, mem_gad_gb=med(mems[True]) / 2**30)
+        out["mem_ratio"] = med(mems[True]) / med(mems[False])
+    print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
+    return out
 
 def check_finite(step: int, **losses) -> None:
     """Stop the run, naming the step and the term, when a loss is not finite (no silent NaN handling)."""

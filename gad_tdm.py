@@ -43,12 +43,11 @@ x_tau detached, and 1/2 MSE instead of the released Huber loss normalised by W (
 mean-gradient claim both ways). One more student forward with grad; its gradient through the tangent is exact
 (common.jvp_pair, checked against a float64 numerical derivative; back-propagating through torch.func.jvp is not).
 
-x_tau is detached in the response path (the released s_pert is not). The teacher's and the fake's responses are
-taken at sg(x_tau) with no gradient, so the student's response must be too: with x_tau attached, the surrogate also
-moves the *point* x_tau (through the rollout) by g . d(J_S v)/dx dx_tau/dtheta, a second-order term in the student's
-own curvature that moves where the Jacobian is measured rather than the Jacobian, while the targets' dependence on
-x_tau is ignored; moving the samples is the base loss's job. The weight gradient through S is the same either way;
-the x_tau term vanishes for a student linear in x (test_response_path_detaches_x_tau_and_what_that_changes).
+x_tau is detached in the response path (the released s_pert is not): the teacher's and fake's responses are taken
+at sg(x_tau), so the student's is too. Attached, the surrogate would also move the *point* x_tau by
+g . d(J_S v)/dx dx_tau/dtheta, a second-order term in the student's own curvature (where the Jacobian is measured, not
+the Jacobian); moving samples is the base loss's job. The weight gradient through S is the same either way
+(test_response_path_detaches_x_tau_and_what_that_changes).
 
 Two scalings (--gad-form). `jvp` (default) divides both differences by h: a finite-difference JVP match of
 size ||Delta J v||, which is what the released code does and so what produced the paper's numbers. `paper` is
@@ -84,14 +83,12 @@ Deviations (each marked `# DEVIATION:` at its line):
   - Stock-pipeline export: TCDScheduler(eta=0) with timesteps [899, 674, 449, 224] reproduces the sampler
     except its last step returns sqrt(abar_0) x0 + sqrt(1 - abar_0) eps_hat (abar_0 = 0.9999) instead of x0.
 
-Commands:
-  GPU:        python gad_tdm.py --steps 2000                              (PixArt-XL-2-512, bf16, batch 64)
-  constant lr, EMA of the student exported: --lr-schedule constant --lr-warmup 0 --ema-decay 0.999
-  plain TDM:  python gad_tdm.py --gad-weight 0
-  multi-GPU:  torchrun --nproc_per_node 8 gad_tdm.py --batch-size 8       (8 per GPU, 64 global)
+Commands (the memory plan printed first says what fits: README "Fitting on a GPU"):
+  GPU:        python gad_tdm.py --steps 2000 --grad-ckpt     (PixArt-XL-2-512, bf16, 64 per GPU: ~53 GiB modelled)
+  8 GPUs:     torchrun --nproc_per_node 8 gad_tdm.py --grad-ckpt          (64 per GPU, 512 per step; or --fsdp)
   less memory: python gad_tdm.py --batch-size 16 --grad-accum 4           (64 per optimiser step, 4 micro-batches of 16)
-  sharded:    torchrun --nproc_per_node 8 gad_tdm.py --fsdp --grad-ckpt   (FSDP2; README "Scale")
-  CPU tiny:   python gad_tdm.py --model tiny --steps 20 --batch-size 2 --sample-every 10
+  plain TDM:  python gad_tdm.py --gad-weight 0;  recipe: --lr-schedule constant --lr-warmup 0 --ema-decay 0.999
+  CPU tiny:   python gad_tdm.py --model tiny                              (a 20-step smoke run, ~20 s)
   evaluate:   python gad_tdm.py --eval --resume runs/gad_tdm/ckpt.pt [--feature-model openai/clip-vit-base-patch32]
   overhead:   python gad_tdm.py --model tiny --bench 20 --threads 1
 Expect: samples.png every --sample-every steps (4 prompts x 4 fixed seeds: the same seeds every time, so noise
@@ -104,7 +101,6 @@ Reload with:
 import copy
 import dataclasses
 import os
-import time
 from typing import Literal
 
 import torch
@@ -465,7 +461,7 @@ def train(args: Args) -> dict:
         return {"loss_tdm": loss_tdm.detach(), "gad_mismatch": mismatch}
 
     if args.bench:
-        return bench(args, step_fn, device)
+        return common.interleaved_bench(step_fn, args.bench, device)
     # fixed grid: first 4 prompts x 4 fixed seeds, the same every time
     grid_prompts = (prompts * 4)[:4]
     grid_cond = common.select(encode(grid_prompts)[0], torch.arange(4).repeat_interleave(4))
@@ -503,32 +499,6 @@ def train(args: Args) -> dict:
                            scheduler=sched, call=call)  # rank 0 writes; call.json: the "Reload with" call
     common.cleanup()
     return metrics
-
-
-def bench(args, step_fn, device):
-    """Interleave TDM and TDM+GAD steps on the same models; medians of step time (and of per-step peak CUDA
-    memory on GPU). The first two steps of each are warm-up."""
-    times, mems = {False: [], True: []}, {False: [], True: []}
-    for i in range(2 * (args.bench + 2)):
-        use_gad = i % 2 == 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        common.bench_hook(use_gad)
-        step_fn(i, use_gad)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            mems[use_gad].append(torch.cuda.max_memory_allocated())
-        times[use_gad].append(time.perf_counter() - t0)
-    med = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]
-    out = {"step_time_base": med(times[False]), "step_time_gad": med(times[True])}
-    out["time_ratio"] = out["step_time_gad"] / out["step_time_base"]
-    if mems[True]:
-        out.update(mem_base_gb=med(mems[False]) / 2**30, mem_gad_gb=med(mems[True]) / 2**30)
-        out["mem_ratio"] = med(mems[True]) / med(mems[False])
-    common.print0(" ".join(f"{k}={v:.4g}" for k, v in out.items()))
-    return out
 
 
 def evaluate(args, pipe, teacher, student, abar, prompts, device) -> dict:
