@@ -61,7 +61,6 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import common
 from evaluate import diversity
@@ -341,13 +340,10 @@ def export_scheduler(pipe, family):
 @torch.no_grad()
 def make_pairs(pipe, teacher, sch, family, prompts, args, pair_dir, dist) -> None:
     """Shard k: (z = x_T, x0 = teacher PF-ODE endpoint, prompt) from its own generator seeded by (seed, k), so it is the
-    same whether made in one run or after a restart. Finished shards are skipped, writes are atomic, ranks split shards."""
-    os.makedirs(pair_dir, exist_ok=True)
-    path = lambda k: os.path.join(pair_dir, f"shard_{k:05d}.pt")
-    mine = [k for k in range(math.ceil(args.pairs / args.shard_size)) if k % dist.world_size == dist.rank]
-    todo, ts = [k for k in mine if not os.path.exists(path(k))], sch.gen_timesteps(args.pair_steps)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="ODE pairs", disable=not dist.is_main)
-    for k in todo:
+    same whether made in one run or after a restart (common.make_shards: atomic, resumable, split across ranks)."""
+    ts = sch.gen_timesteps(args.pair_steps)
+
+    def make(k):
         g, n = torch.Generator().manual_seed(args.seed * 1_000_003 + k), min(args.shard_size, args.pairs - k * args.shard_size)
         ps = [prompts[j] for j in torch.randint(len(prompts), (n,), generator=g)]
         z, x0, bs = torch.randn(common.latent_shape(pipe, n), generator=g), [], args.batch_size
@@ -355,15 +351,13 @@ def make_pairs(pipe, teacher, sch, family, prompts, args, pair_dir, dist) -> Non
             cond, uncond = common.encode(pipe, family, ps[i:i + bs], dist.device)
             with common.autocast(dist.device, teacher.dtype):
                 x0.append(rollout(teacher, z[i:i + bs].to(dist.device), cond, sch, ts, len(ts), uncond, args.pair_cfg).cpu())
-        torch.save({"z": z, "x0": torch.cat(x0), "prompts": ps}, path(k) + ".tmp")
-        os.replace(path(k) + ".tmp", path(k))
-        bar.update()
-    bar.close()
-    common.barrier()
+        return {"z": z, "x0": torch.cat(x0), "prompts": ps}
+
+    common.make_shards(pair_dir, math.ceil(args.pairs / args.shard_size), make, dist, "ODE pairs")
 
 
 def load_pairs(pair_dir, n_shards):
-    shards = [torch.load(os.path.join(pair_dir, f"shard_{k:05d}.pt")) for k in range(n_shards)]
+    shards = common.load_shards(pair_dir, n_shards)
     return torch.cat([s["z"] for s in shards]), torch.cat([s["x0"] for s in shards]), sum((s["prompts"] for s in shards), [])
 
 

@@ -1347,6 +1347,33 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         self.peak = max(self.peak, sum(self.saved.values()))
         return t
 
+# Teacher data in resumable shards (gad_ladd's pairs, adm's ADP pairs): shard s is made by the method file's
+# make(s), from its own generator seeded by s, so it is the same whichever rank makes it, and whenever.
+
+def shard_path(d: str, s: int) -> str:
+    return os.path.join(d, f"shard_{s:05d}.pt")
+
+def make_shards(d: str, n_shards: int, make, dist, desc: str) -> None:
+    """Write the shards of `d` that are missing (a restart resumes), split across ranks, each atomically (a crash never
+    leaves half a shard). Every rank calls it; it returns when all are written."""
+    from tqdm.auto import tqdm
+    os.makedirs(d, exist_ok=True)
+    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
+    bar = tqdm(total=n_shards, initial=n_shards - len(missing), desc=desc, disable=not dist.is_main)
+    for s in missing[dist.rank::dist.world_size]:
+        torch.save(make(s), shard_path(d, s) + ".tmp")
+        os.replace(shard_path(d, s) + ".tmp", shard_path(d, s))
+        bar.update(dist.world_size)
+    bar.close()
+    barrier()
+
+def load_shards(d: str, n_shards: int, hint: str = "", mmap: bool = False) -> list:
+    """The shards of `d` (memory-mapped with mmap=True); a missing one is a FileNotFoundError naming how many."""
+    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
+    if missing:
+        raise FileNotFoundError(f"{d}: {len(missing)} of {n_shards} shards missing{hint}")
+    return [torch.load(shard_path(d, s), map_location="cpu", mmap=mmap) for s in range(n_shards)]
+
 def data_meta(d: str, meta: dict, write: bool = False) -> None:
     """A data cache's meta.json: written if absent (write=True), else its entries for `meta`'s keys must equal `meta`:
     data made with other settings are refused (ValueError naming the keys), never mixed in."""

@@ -263,11 +263,9 @@ def data_dir(args) -> str:
     return args.data_dir or os.path.join(args.out, "data")
 
 
-def make_data(pipe, args, dist, prompts) -> str:
+def make_data(pipe, args, dist, prompts) -> None:
     """Shard s holds pairs s*S .. (s+1)*S-1: z, v (seeded by (seed, s)), teacher endpoints from z and z' = z + h v,
-    text embeddings. Each shard is written atomically; existing shards are skipped (resume)."""
-    from tqdm.auto import tqdm
-
+    text embeddings (common.make_shards: atomic, resumable, split across ranks)."""
     d, unet = data_dir(args), pipe.unet
     meta = {k: getattr(args, k) for k in ("model", "n_data", "shard_size", "h", "cfg", "teacher_steps", "seed")}
     meta.update(prediction_type=pipe.scheduler.config.prediction_type, prompts=prompts)
@@ -275,12 +273,9 @@ def make_data(pipe, args, dist, prompts) -> str:
         os.makedirs(d, exist_ok=True)
         common.data_meta(d, meta, write=True)  # refuses a directory made with other settings
     common.barrier()
-    n_shards = math.ceil(args.n_data / args.shard_size)
-    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
-    todo = missing[dist.rank::dist.world_size]
     alphas_bar, pt = pipe.scheduler.alphas_cumprod.to(dist.device), pipe.scheduler.config.prediction_type
-    bar = tqdm(total=n_shards, initial=n_shards - len(missing), desc="teacher data", disable=not dist.is_main)
-    for s in todo:
+
+    def make(s):
         idx = list(range(s * args.shard_size, min(args.n_data, (s + 1) * args.shard_size)))
         g, shape = torch.Generator().manual_seed(args.seed * 1_000_003 + s), common.latent_shape(pipe, len(idx))
         z, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # own generator: a redo is identical
@@ -294,29 +289,18 @@ def make_data(pipe, args, dist, prompts) -> str:
                                 args.teacher_steps, args.cfg, alphas_bar, pt)
             x0s.append(x0.cpu())
         x0_T, x0_Tp = zip(*[x.chunk(2) for x in x0s])
-        shard = {"z": z, "v": v, "x0_T": torch.cat(x0_T), "x0_T_prime": torch.cat(x0_Tp), "prompts": p_s,
-                 "ehs": cond["encoder_hidden_states"].cpu().half()}  # fp16 embeddings: disk (77 x 1024 per pair)
-        torch.save(shard, shard_path(d, s) + ".tmp")
-        os.replace(shard_path(d, s) + ".tmp", shard_path(d, s))  # atomic: a crash never leaves half a shard
-        bar.update(dist.world_size)
-    bar.close()
-    common.barrier()
-    return d
+        return {"z": z, "v": v, "x0_T": torch.cat(x0_T), "x0_T_prime": torch.cat(x0_Tp), "prompts": p_s,
+                "ehs": cond["encoder_hidden_states"].cpu().half()}  # fp16 embeddings: disk (77 x 1024 per pair)
+
+    common.make_shards(d, math.ceil(args.n_data / args.shard_size), make, dist, "teacher data")
 
 
-def shard_path(d, s) -> str:
-    return os.path.join(d, f"shard_{s:05d}.pt")
-
-
-def load_data(args, device) -> dict:
+def load_data(args, device) -> list:
     d = data_dir(args)
-    n_shards = math.ceil(args.n_data / args.shard_size)
-    missing = [s for s in range(n_shards) if not os.path.exists(shard_path(d, s))]
-    if missing:
-        raise FileNotFoundError(f"{d}: {len(missing)} of {n_shards} shards missing; run --stage data")
     keys = ("model", "n_data", "shard_size", "h", "cfg", "seed")  # not teacher_steps: --eval may use fewer for its map
+    shards = common.load_shards(d, math.ceil(args.n_data / args.shard_size), "; run --stage data", mmap=True)  # lazy
     common.data_meta(d, {k: getattr(args, k) for k in keys})
-    return [torch.load(shard_path(d, s), map_location="cpu", mmap=True) for s in range(n_shards)]  # lazy, memory-mapped
+    return shards
 
 
 def get_batch(shards, idx, device, shard_size):

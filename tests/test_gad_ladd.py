@@ -282,7 +282,7 @@ def test_grad_accum_gradients_equal_the_double_batch(pipe, monkeypatch):
 
 
 def test_data_stage_shards_crash_and_resume(tmp_path, data, monkeypatch):
-    ref = [torch.load(G.shard_path(data, s)) for s in range(2)]
+    ref = [torch.load(common.shard_path(data, s)) for s in range(2)]
     assert ref[0]["z"].shape[0] == 4 and ref[1]["z"].shape[0] == 2  # 6 pairs in shards of 4
     assert set(ref[0]) >= {"z", "v", "x0_T", "x0_T_prime", "ehs", "prompts"}
     d, real, calls = str(tmp_path / "d"), G.teacher_sample, []
@@ -298,11 +298,11 @@ def test_data_stage_shards_crash_and_resume(tmp_path, data, monkeypatch):
         G.train(G.Args(**TINY, stage="data", data_dir=d, out=d))
     assert sorted(os.listdir(d)) == ["meta.json", "shard_00000.pt"]  # nothing half-written
     monkeypatch.setattr(G, "teacher_sample", real)
-    mtime = os.path.getmtime(G.shard_path(d, 0))
+    mtime = os.path.getmtime(common.shard_path(d, 0))
     G.train(G.Args(**TINY, stage="data", data_dir=d, out=d))
-    assert os.path.getmtime(G.shard_path(d, 0)) == mtime  # finished shard not regenerated
+    assert os.path.getmtime(common.shard_path(d, 0)) == mtime  # finished shard not regenerated
     for s in range(2):  # resumed data equal an uninterrupted run
-        got = torch.load(G.shard_path(d, s))
+        got = torch.load(common.shard_path(d, s))
         for k in ("z", "v", "x0_T", "x0_T_prime", "ehs"):
             torch.testing.assert_close(got[k], ref[s][k], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="other settings"):
