@@ -364,11 +364,6 @@ def load_pairs(pair_dir, n_shards):
 # ---- Training --------------------------------------------------------------------------------------------
 
 
-def backward(loss, n, scaler):
-    """One of n micro-batches (--grad-accum): back-propagate loss / n (scaled under fp16); opt_step() after the last."""
-    (loss / n if scaler is None else scaler.scale(loss / n)).backward()
-
-
 def opt_step(opt, scaler):
     if scaler is None:
         return opt.step()
@@ -400,7 +395,7 @@ def adm_step(M, cond, uncond, args, dev):
             with ac():
                 out = M.fake(diffuse(x0, z_f, *sch.coeffs(t_f)), timestep=sch.net_t(t_f), **mb(cond, i), return_dict=False)[0]
             fake_losses.append(pretrain_loss(out, x0, z_f, sch.flow))
-            backward(fake_losses[-1], N, M.scaler)
+            common.backward(fake_losses[-1], N, M.scaler)
         opt_step(M.opt["fake"], M.scaler)
     freeze = lambda frozen: [m.requires_grad_(not frozen) for m in (M.fake_u, M.D_u)]
     freeze(True)
@@ -426,7 +421,7 @@ def adm_step(M, cond, uncond, args, dev):
             # l. 22: generator hinge loss, Eq. 7, through the frozen D backbone and frozen heads
             d_g, _ = M.D_u(M.taps(M.teacher, x_fake, t - sch.dt, c, sch))
             loss_g = hinge_g(d_g)
-        backward(loss_g, N, M.scaler)
+        common.backward(loss_g, N, M.scaler)
         kept.append((x_fake.detach(), x_real, t, c))  # the D update's samples
         rows.append(dict(loss_g=loss_g.detach(), loss_fake=fake_losses[i].detach(),
                          dmd=dmd_diagnostic(x0_hat.detach(), x0_f.detach(), x0_r)))
@@ -439,7 +434,7 @@ def adm_step(M, cond, uncond, args, dev):
         with ac():
             d, _ = M.D(M.taps(M.teacher, torch.cat([x_fake, x_real]), (t - sch.dt).repeat(2), common.cat(c, c), sch))
             loss_d = hinge_d(d[:B], d[B:])
-        backward(loss_d, N, M.scaler)
+        common.backward(loss_d, N, M.scaler)
         rows[i].update(loss_d=loss_d.detach(), d_fake=d[:B].mean(), d_real=d[B:].mean())
     opt_step(M.opt["D"], M.scaler)
     return common.mean_rows(rows)
@@ -465,7 +460,7 @@ def adp_step(M, cond, z, x0, args, dev):
             img_fake = decode_with_grad(M.pipe, x0_g)
             d_lat, d_pix = M.D_u(M.taps(M.teacher, x_fake_t1, t1, c, sch), M.pixel(img_fake))
             loss_g = adp_g_loss(d_lat, d_pix, lam1, lam2)
-        backward(loss_g, N, M.scaler)
+        common.backward(loss_g, N, M.scaler)
         kept.append((x_fake_t1.detach(), img_fake.detach(), x0_i, t1, c))  # the D update's samples
         rows.append(dict(loss_g=loss_g.detach()))
     opt_step(M.opt["G"], M.scaler)
@@ -481,7 +476,7 @@ def adp_step(M, cond, z, x0, args, dev):
         with ac():
             d_lat, d_pix = M.D(lat_feats, pix_feats)
             loss_d = adp_d_loss(d_lat[:B], d_lat[B:], d_pix[:B], d_pix[B:], lam1, lam2)
-        backward(loss_d, N, M.scaler)
+        common.backward(loss_d, N, M.scaler)
         rows[i].update(loss_d=loss_d.detach(), d_fake=d_lat[:B].mean(), d_real=d_lat[B:].mean(),
                        d_pix_fake=d_pix[:B].mean(), d_pix_real=d_pix[B:].mean())
     opt_step(M.opt["D"], M.scaler)

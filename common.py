@@ -178,6 +178,10 @@ def micro_batches(n: int, *models):
                 stack.enter_context(no_sync(m))
             yield i
 
+def backward(loss: torch.Tensor, n: int = 1, scaler=None) -> None:
+    """One of n micro-batches: back-propagate loss / n, scaled under fp16 (clip_and_step unscales after the last)."""
+    (scaler.scale(loss / n) if scaler is not None else loss / n).backward()
+
 def clip_and_step(opt, params, clip: float, scaler=None) -> torch.Tensor:
     """After the last micro-batch: unscale (fp16), clip the gradient norm, step, update the scaler. Returns the norm."""
     if scaler:

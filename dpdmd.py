@@ -374,7 +374,6 @@ def train(args: Args, pipe=None) -> dict:
     metrics = {}
 
     N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
-    backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
 
     for it in range(start, args.steps):
         step = it + 1
@@ -392,14 +391,14 @@ def train(args: Args, pipe=None) -> dict:
                 with amp():
                     loss_fake = fake_loss(student_d, fake_d, z, cond, sch)
                 common.check_finite(step, fake_loss=loss_fake)
-                backward(loss_fake)
+                common.backward(loss_fake, N, scaler)
                 rows.append({"fake_loss": loss_fake.detach()})
             else:
                 # 3. student: L_div on the first step (Eq. 6-7 / 39-41), DMD on steps 2..n (Eq. 4-5), total Eq. 8
                 with amp():
                     loss, loss_dmd, loss_div = student_loss(student_d, teacher, fake_d, z, cond, uncond, w, sch, args)
                 common.check_finite(step, dmd_loss=loss_dmd, div_loss=loss_div)
-                backward(loss)
+                common.backward(loss, N, scaler)
                 rows.append({"dmd_loss": loss_dmd.detach(), "div_loss": loss_div.detach(), "loss": loss.detach()})
         gn = common.clip_and_step(opt, net.parameters(), args.grad_clip, scaler)
         ema.update_parameters(student) if ema and student_turn else None

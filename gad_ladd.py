@@ -366,7 +366,7 @@ def g_update(S, heads, unet, opt, scaler, draw, args, ctx, ab, pt):
     for _ in common.micro_batches(n, S):  # DDP / FSDP2 reduce gradients on the last micro-batch only
         batch = draw()
         loss, x0_hat, logs = g_step(S, heads, unet, batch, args, ctx, ab, pt)
-        (scaler.scale(loss / n) if scaler else loss / n).backward()
+        common.backward(loss, n, scaler)
         rows.append({"loss_g": loss.item(), **logs}), used.append((batch, x0_hat))
     opt_step(S, opt, scaler, args.clip)
     return rows, used
@@ -385,7 +385,7 @@ def d_update(S, heads, unet, opt, scaler, draw, used, rows, args, ctx, ab, pt):
         else:  # --d-batch same: fakes one G update old, D sees the G batch; saves the student forward
             batch, x0_fake = used[i]
         loss, logs = d_step(heads, unet, x0_fake, batch, args, ctx, ab)
-        (scaler.scale(loss / n) if scaler else loss / n).backward()
+        common.backward(loss, n, scaler)
         rows[i].update(loss_d=loss.item(), **logs)
     opt_step(heads, opt, scaler, args.clip)
 

@@ -377,7 +377,6 @@ def train(args: Args) -> dict:
         return k, t_g, t_mid, tau
 
     N = args.grad_accum  # micro-batches per optimiser step: each loss / N, one step after them (common.micro_batches)
-    backward = lambda loss: (scaler.scale(loss / N) if scaler else loss / N).backward()
 
     def step_fn(step, use_gad):
         rollouts, rows = [], []
@@ -404,7 +403,7 @@ def train(args: Args) -> dict:
                 _, x0_f = predict(fake_ddp, x_tau, tau, cond, abar)
             loss_fake = tdm_fake_loss(x0_f, x0_s, tau, w, abar, args.snr_clip)
             common.check_finite(step, loss_fake=loss_fake)
-            backward(loss_fake)
+            common.backward(loss_fake, N, scaler)
             rows.append({"loss_fake": loss_fake.detach()})
         scaler.step(opt_f) if scaler else opt_f.step()
 
@@ -450,14 +449,14 @@ def train(args: Args) -> dict:
             # S(x_tau + h v, tau) - S(x_tau, tau) at sg(x_tau) instead of x_tau. A second student forward, so the
             # first backward accumulates without DDP's all-reduce.
             with common.no_sync(student_ddp):
-                backward(loss_g)
+                common.backward(loss_g, N, scaler)
             f_S = lambda x, n: predict(student_ddp, x, tau.repeat(n), common.cat(*[cond] * n), abar)[1]
             with fp32():  # exact: back-propagating through the tangent (reverse over forward, common.jvp_pair)
                 dS = student_response(f_S, x_tau, v, h, args.gad_jvp, args.gad_form)  # at sg(x_tau)
             gad, mismatch = gad_surrogate(dS, dF, dT, h, args.gad_form, gad_mask(tau, args.gad_t_range))
             loss_g = args.gad_weight * gad
         common.check_finite(step, loss_tdm=loss_tdm, gad=gad)
-        backward(loss_g)
+        common.backward(loss_g, N, scaler)
         return {"loss_tdm": loss_tdm.detach(), "gad_mismatch": mismatch}
 
     if args.bench:
