@@ -136,8 +136,12 @@ def init_distributed(device_name: str = "auto") -> SimpleNamespace:
         torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return SimpleNamespace(rank=rank, world_size=world, local_rank=local_rank, device=device, is_main=rank == 0)
 
+def is_main() -> bool:
+    """Rank 0 (or a plain run): the one process that prints and writes files."""
+    return int(os.environ.get("RANK", 0)) == 0
+
 def print0(*a, **k) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_main():
         print(*a, **k, flush=True)
 
 def wrap_ddp(model: torch.nn.Module, dist) -> torch.nn.Module:
@@ -294,7 +298,7 @@ def save_checkpoint(path: str, models: dict, optimizers: dict, step: int, args, 
                            for k, o in optimizers.items()},
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "args": dataclasses.asdict(args) if dataclasses.is_dataclass(args) else args, "rng": _rng_state(), "extra": extra}
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not is_main():
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(ckpt, path + ".tmp")
@@ -517,7 +521,7 @@ def start_run(args, ranges: dict, family: str | None = None, model: str | None =
     held = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
                   if not any(fnmatch.fnmatch(n, p) for p in own))
     resuming_here = path is not None and os.path.dirname(os.path.abspath(path)) == os.path.abspath(out)
-    rank0 = int(os.environ.get("RANK", 0)) == 0  # other ranks would see rank 0's first files; torchrun stops them
+    rank0 = is_main()  # other ranks would see rank 0's first files; torchrun stops them
     if writes and rank0 and held and not resuming_here and not getattr(args, "overwrite", False) and resume != "auto":
         names = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
         cont = "Continue that run with --resume latest, or pass" if hasattr(args, "resume") else "Pass"
@@ -593,7 +597,7 @@ def pyplot():
 
 def plot_curves(jsonl_path: str, png_path: str) -> None:
     """One subplot per logged scalar against step (rank 0 only)."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not is_main():
         return
     plt = pyplot()
     rows = Logger.read(jsonl_path)
@@ -612,7 +616,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
 
 def save_grid(images: torch.Tensor, path: str, nrow: int) -> None:
     """images: (N, C, H, W) in [-1, 1], C = 1 or 3 (extra channels are dropped). Rows of `nrow`. Rank 0 writes."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not is_main():
         return
     plt = pyplot()
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, :3]
@@ -830,14 +834,14 @@ def export_pipeline(pipe, student: torch.nn.Module, out_dir: str, scheduler=None
     import copy
     if is_sharded(student):  # the architecture on the meta device, filled with the gathered weights
         weights = full_state_dict(student)
-        if int(os.environ.get("RANK", 0)) != 0:
+        if not is_main():
             return out_dir
         from torch.distributed.fsdp import FSDPModule
         cls = next(c for c in type(student).__mro__[1:] if not issubclass(c, FSDPModule))
         with torch.device("meta"):
             net = cls.from_config(student.config)
         net.load_state_dict(weights, assign=True)  # non-persistent buffers stay on meta: save_pretrained skips them
-    elif int(os.environ.get("RANK", 0)) != 0:
+    elif not is_main():
         return out_dir
     else:
         net = copy.deepcopy(unwrap(student))
@@ -871,6 +875,10 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 # the attention projections of every block (image stream; SD3's MMDiT also its text stream), as diffusers' LoRA
 # training examples choose for UNets and SD3
 
+def is_lora_target(name: str, targets=LORA_TARGETS) -> bool:
+    """A module name that ends in one of `targets` (peft's matching of target_modules)."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
 def add_lora(net: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> torch.nn.Module:
     """rank 0: `net` as it is (full fine-tuning). rank > 0: freeze `net` and add one LoRA adapter of that rank to the
     `targets` it has (lora_alpha = rank, so the update is B A; B starts at 0, so `net`'s output is unchanged). Only the
@@ -879,7 +887,7 @@ def add_lora(net: torch.nn.Module, rank: int, targets=LORA_TARGETS) -> torch.nn.
         return net
     from peft import LoraConfig
     names = [n for n, _ in net.named_modules()]
-    present = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    present = [t for t in targets if any(is_lora_target(n, (t,)) for n in names)]
     net.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=present)
     with _own_rng():  # A's random init the same in every run and on every rank, the caller's RNG untouched
@@ -948,7 +956,7 @@ def _counts(family: str, variant: str, rank: int) -> tuple:
     """(parameters, LoRA adapter parameters at `rank`) of the real-size denoiser, counted on the meta device."""
     net = random_denoiser(family, device="meta", model="random-" + variant)
     lora = sum(rank * (m.in_features + m.out_features) for n, m in net.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in LORA_TARGETS))
+               if isinstance(m, torch.nn.Linear) and is_lora_target(n))
     return sum(p.numel() for p in net.parameters()), lora
 
 def memory_plan(args, file: str, family: str, world_size: int = 1) -> dict:
