@@ -230,6 +230,13 @@ def wrap(model: torch.nn.Module, dist, fsdp: bool = False, offload: bool = False
             fully_shard(m, **kw)
     return fully_shard(model, **kw)
 
+def refuse_jvp_with_grad(args, jvp_with_grad: bool, fix: str) -> None:
+    """A forward-mode JVP taken with gradients (GAD's student response) composes with neither --grad-ckpt (checkpoint
+    recomputation runs without the tangents: CheckpointError) nor --fsdp (FSDP2's backward hook is an autograd
+    Function without a forward-AD rule); tests/test_distributed.py. Refused before loading, `fix` says what works."""
+    for flag in ("grad_ckpt", "fsdp"):
+        require(not (getattr(args, flag, False) and jvp_with_grad), f"argument --{flag.replace('_', '-')}: {fix}")
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)

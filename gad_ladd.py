@@ -517,13 +517,10 @@ def train(args) -> dict:
     device, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 finite differences need real fp32 (TF32 has a 10-bit mantissa)
     torch.backends.cudnn.allow_tf32 = False
-    common.require(not (args.grad_ckpt and args.gad_weight > 0 and args.gad_jvp == "exact"),  # drops the tangents
-                   "argument --grad-ckpt: needs --gad-jvp fd (checkpoint recomputation runs outside forward-mode AD)")
+    common.refuse_jvp_with_grad(args, args.gad_weight > 0 and args.gad_jvp == "exact",  # the student's JVP
+                                "needs --gad-jvp fd (GAD's student response is a JVP with gradients)")
     common.require(not args.misaligned_d or args.batch_size >= 2,  # a latent gets the previous row's prompt
                    "argument --misaligned-d: needs --batch-size >= 2 (or --no-misaligned-d)")
-    common.require(not (args.fsdp and args.gad_weight > 0 and args.gad_jvp == "exact"),  # tests/test_distributed.py
-                   "argument --fsdp: needs --gad-jvp fd (FSDP2's backward hook, an autograd Function without a "
-                   "forward-AD rule, refuses the student's JVP with gradients)")
     common.seed_everything(args.seed, dist.rank)
     ctx, scaler = common.autocast(device, dtype), common.make_scaler(device, dtype)
     pipe = common.load_pipeline(FAMILY, args.model, torch.float32).to(device)

@@ -348,10 +348,8 @@ def train(args: Args, pipe=None) -> dict:
                    f"argument --t-gen: must decrease strictly from 1.0 and stay > 0, got {args.t_gen}")
     # the exact response path takes a JVP with gradients through G: checkpoint recomputation drops its tangents,
     # FSDP2's backward hook (an autograd Function without a forward-AD rule) refuses it (tests/test_distributed.py)
-    jvp_with_grad = args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact"
-    for flag in ("grad_ckpt", "fsdp"):
-        common.require(not (getattr(args, flag) and jvp_with_grad), f"argument --{flag.replace('_', '-')}: not with "
-                       "--gad-path response and --gad-jvp exact (a JVP with gradients); use --gad-jvp fd or --gad-path xtau")
+    common.refuse_jvp_with_grad(args, args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact",
+                                "not with --gad-path response and --gad-jvp exact; use --gad-jvp fd or --gad-path xtau")
     common.set_cpu_threads(args.threads)
     dist = common.init_distributed(args.device)
     device = dist.device
@@ -494,9 +492,9 @@ def train(args: Args, pipe=None) -> dict:
         save_samples(args.steps)
     exported = ema.module if ema else student  # --ema-decay > 0: the EMA weights
     if args.export:
-        result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
-                                                    scheduler=export_scheduler(), call=stock_call_kwargs(args.t_gen, side_px))
         result["pipeline_call"] = stock_call_kwargs(args.t_gen, side_px)  # from_pretrained(dir)(prompt, **this)
+        result["pipeline"] = common.export_pipeline(pipe, exported, os.path.join(args.out, "pipeline"),
+                                                    scheduler=export_scheduler(), call=result["pipeline_call"])
     if args.eval:
         result.update(evaluate(args, pipe, exported, grid_prompts, encode, to_dev, device))
     common.print0(result)

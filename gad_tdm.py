@@ -320,10 +320,8 @@ def train(args: Args) -> dict:
                    f"argument --timesteps: must decrease strictly, got {args.timesteps}")
     # the exact response path takes a JVP with gradients through the student: checkpoint recomputation drops its
     # tangents (CheckpointError), FSDP2's backward hook (an autograd Function without a forward-AD rule) refuses it
-    jvp_with_grad = args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact"
-    for flag in ("grad_ckpt", "fsdp"):
-        common.require(not (getattr(args, flag) and jvp_with_grad), f"argument --{flag.replace('_', '-')}: not with "
-                       "--gad-path response and --gad-jvp exact (a JVP with gradients); use --gad-jvp fd or --gad-path xtau")
+    common.refuse_jvp_with_grad(args, args.gad_weight > 0 and args.gad_path == "response" and args.gad_jvp == "exact",
+                                "not with --gad-path response and --gad-jvp exact; use --gad-jvp fd or --gad-path xtau")
     # setup: distributed, device, precision, seeding
     dist = common.init_distributed(args.device)
     common.check_memory(args, "gad_tdm", "pixart", dist.world_size)  # the plan on rank 0; refused if it cannot fit
