@@ -535,9 +535,9 @@ def train_stage(args: Args) -> dict:
                                  model_ids={"--pixel-encoder": "" if encoder == "tiny" else encoder})
     common.require(len(args.cfg_range) == 2 and args.cfg_range[0] <= args.cfg_range[1],
                    f"argument --cfg-range: need two values lo <= hi, got {args.cfg_range}")
+    lora_rank = args.lora_rank if args.lora_rank >= 0 else (64 if family == "sd3" else 0)  # SILENT 7 (Table 2, B.5)
     dist = common.init_distributed(args.device)
-    common.check_memory(replace(args, lora_rank=64 if args.lora_rank < 0 and family == "sd3" else max(args.lora_rank, 0),
-                                model=model), "adm", family, dist.world_size)  # the plan on rank 0
+    common.check_memory(replace(args, lora_rank=lora_rank, model=model), "adm", family, dist.world_size)  # rank 0
     common.set_cpu_threads(args.threads)
     dev, dtype = dist.device, common.resolve_dtype(args.dtype, dist.device)
     common.seed_everything(args.seed)  # same (tiny, random) models on every rank; data seeds get the rank offset below
@@ -549,7 +549,6 @@ def train_stage(args: Args) -> dict:
     M = type("Models", (), dict(pipe=pipe, teacher=teacher, shape=common.latent_shape(pipe, args.batch_size)))()
     M.sch = Schedule(family, export_scheduler(pipe, family), args.ode_dt)
     M.ts, M.ac = M.sch.gen_timesteps(N).to(dev), lambda: common.autocast(dev, dtype)
-    lora_rank = args.lora_rank if args.lora_rank >= 0 else (64 if family == "sd3" else 0)  # SILENT 7 (Table 2, B.5)
     M.G_u = common.add_lora(copy.deepcopy(teacher).float().requires_grad_(True).train(), lora_rank)
     M.taps = Taps(teacher, family)
     c0, _ = common.encode(pipe, family, [""], dev)
