@@ -503,7 +503,7 @@ def benchmark(S, heads, unet, opt_g, opt_d, scaler, args, ctx, ab, pt, device):
 RANGES = {"h": "> 0", "grad_accum": ">= 1", "t_d_max": "[0, 999]", "cfg": ">= 0", "n_data": ">= 1", "shard_size": ">= 1",
           "id_seeds": ">= 2", "id_prompts": ">= 2", "eval_fd_h": "> 0"}
 
-TINY_SMOKE = {"n_data": 64, "teacher_steps": 4, "batch_size": 16}  # python gad_ladd.py --model tiny: about a minute
+TINY_SMOKE = {"n_data": 64, "teacher_steps": 4, "batch_size": 16, "log_every": 1}  # python gad_ladd.py --model tiny
 
 
 def train(args) -> dict:
